@@ -1,0 +1,125 @@
+"""Process-group layout: `world = lift_parallel x data_parallel`.
+
+Ranks are laid out lift-parallel-major: rank `r` is lift-parallel index `r % L` of data-parallel
+replica `r // L`, so the ranks of one lift-parallel group are consecutive (same node first).
+`Layout` owns the degrees (validated against the world size), the backend and the groups.
+World size 1 needs no process group at all.
+
+Rank discovery prefers torchrun's `RANK` / `WORLD_SIZE` / `LOCAL_RANK` over SLURM's
+`SLURM_PROCID` / `SLURM_NTASKS` / `SLURM_LOCALID` (under `srun torchrun` every worker inherits
+`SLURM_PROCID=0`), so `python -m ...` works under torchrun, under `srun` alone, and bare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """The parallel layout does not fit the world; the message names the value and the fix."""
+
+
+def discover_env() -> tuple[int, int, int]:
+    """`(rank, world_size, local_rank)` from torchrun, else SLURM, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def check_degrees(world_size: int, lift_parallel: int) -> int:
+    """The data-parallel degree for a lift-parallel degree, or a clear error."""
+    if isinstance(lift_parallel, bool) or not isinstance(lift_parallel, int) or lift_parallel < 1:
+        raise LayoutError(f"parallel.lift_parallel={lift_parallel!r}: must be a positive integer")
+    if world_size % lift_parallel:
+        raise LayoutError(
+            f"parallel.lift_parallel={lift_parallel} does not divide the world size {world_size}: "
+            f"choose a divisor of {world_size} (world = lift_parallel x data_parallel)")
+    return world_size // lift_parallel
+
+
+@dataclasses.dataclass
+class Layout:
+    """Degrees, this rank's coordinates and the process groups of a run."""
+
+    world_size: int = 1
+    rank: int = 0
+    lift_parallel: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    lift_group: Any = None
+    data_group: Any = None
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.lift_parallel
+
+    @property
+    def lift_rank(self) -> int:
+        return self.rank % self.lift_parallel
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.lift_parallel
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = lift_parallel {self.lift_parallel} x data_parallel "
+                f"{self.data_parallel} (backend {self.backend or 'none'})")
+
+    @classmethod
+    def create(cls, lift_parallel: int = 1, backend: str | None = None, timeout_s: float = 600.0) -> "Layout":
+        """Read the environment, check the degrees, start the process group and make the groups.
+
+        The degrees are validated before any process group starts.
+        """
+        rank, world_size, local_rank = discover_env()
+        check_degrees(world_size, lift_parallel)
+        layout = cls(world_size, rank, lift_parallel, local_rank)
+        if world_size == 1 and not dist.is_initialized():
+            return layout
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        layout.backend = dist.get_backend()
+        layout._make_groups()
+        return layout
+
+    @classmethod
+    def from_initialized(cls, lift_parallel: int) -> "Layout":
+        """A layout over an already initialised default process group (tests, notebooks)."""
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        check_degrees(world_size, lift_parallel)
+        layout = cls(world_size, rank, lift_parallel, rank, dist.get_backend())
+        layout._make_groups()
+        return layout
+
+    def _make_groups(self) -> None:
+        L, D = self.lift_parallel, self.data_parallel
+        # every rank must create every group, in the same order
+        for d in range(D):
+            g = dist.new_group(list(range(d * L, (d + 1) * L)))
+            if d == self.data_rank:
+                self.lift_group = g
+        for l in range(L):
+            g = dist.new_group(list(range(l, self.world_size, L)))
+            if l == self.lift_rank:
+                self.data_group = g
+
+    def device(self) -> torch.device:
+        if self.backend == "nccl" or (self.backend is None and torch.cuda.is_available()):
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
