@@ -8,7 +8,14 @@ from .graph import BaseGraph, Edge, GraphError, Vertex
 from .layout import Layout, LayoutError
 from .lift import Lift, LiftError, fully_connected_lift, random_sparse_lift
 from .model import LiftedNetwork
-from .partition import PartitionError, Shard, make_partition
+
+
+def __getattr__(name):  # partition is imported on first use, so `python -m randlift_dist.partition` runs cleanly
+    if name in ("PartitionError", "Shard", "make_partition"):
+        from . import partition
+
+        return getattr(partition, name)
+    raise AttributeError(f"module 'randlift_dist' has no attribute {name!r}")
 
 __all__ = [
     "BaseGraph", "Edge", "GraphError", "Vertex", "Lift", "LiftError", "fully_connected_lift",

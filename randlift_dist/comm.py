@@ -28,6 +28,9 @@ import torch.distributed as dist
 from .ops import CSR
 
 MODES = ("auto", "alltoall", "allgather")
+# torch >= 2.13 renamed the flat-tensor collectives; older releases have only the old names
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ def build_plan(shard, e, halo_global: np.ndarray, halo_owner: np.ndarray, row_by
     if (pos < 0).any():
         raise RuntimeError(f"exchange plan for {e}: a peer asked for rows this rank does not own")
     n_own = len(shard.own(e.src))
-    sizes = torch.tensor([n_own, int(recv_splits.sum()), int(send_splits.sum())], dtype=torch.int64)
+    sizes = torch.tensor([n_own, int(recv_splits.sum())], dtype=torch.int64)
     gathered = [torch.zeros_like(sizes) for _ in range(P)]
     dist.all_gather(gathered, sizes, group=group)
     max_own = max(int(g[0]) for g in gathered)
@@ -157,7 +160,7 @@ class _Start(torch.autograd.Function):
             send = y_own.new_zeros(plan.max_own, d, B)
             send[: y_own.shape[0]] = y_own
             pending.recv = y_own.new_empty(plan.world_size * plan.max_own, d, B)
-            pending.work = dist.all_gather_into_tensor(pending.recv, send, group=plan.group, async_op=True)
+            pending.work = _all_gather_single(pending.recv, send, group=plan.group, async_op=True)
         pending.send = send  # keep the send buffer alive until the collective completes
         if plan.stats is not None:
             plan.stats.bytes_forward += plan.rows_sent() * d * B * y_own.element_size()
@@ -199,8 +202,8 @@ class _Finish(torch.autograd.Function):
                                                  group=plan.group, async_op=True)
         else:
             p.grad_buf = g.new_empty(plan.max_own, d, B)
-            p.grad_work = dist.reduce_scatter_tensor(p.grad_buf, g, op=dist.ReduceOp.SUM,
-                                                     group=plan.group, async_op=True)
+            p.grad_work = _reduce_scatter_single(p.grad_buf, g, op=dist.ReduceOp.SUM,
+                                                 group=plan.group, async_op=True)
         p.grad_send = g
         if plan.stats is not None:
             plan.stats.bytes_backward += plan.rows_sent() * d * B * g.element_size()

@@ -128,14 +128,28 @@ class BaseGraph:
 
     @staticmethod
     def _find_cycle(nodes: set[str], succ: dict[str, list[str]]) -> list[str]:
+        """A cycle among `nodes`, the vertices Kahn's algorithm could not order.
+
+        Each of them has an in-edge from another of them (else it would have been ordered), but
+        not necessarily an out-edge (a vertex downstream of a cycle), so walk backwards along
+        in-edges until a vertex repeats, then read the loop forwards.
+        """
+        pred: dict[str, list[str]] = {n: [] for n in nodes}
+        for u in sorted(nodes):
+            for m in succ[u]:
+                if m in nodes:
+                    pred[m].append(u)
         start = min(nodes)
         path, seen = [start], {start: 0}
         while True:
-            nxt = next(m for m in succ[path[-1]] if m in nodes)
-            if nxt in seen:
-                return path[seen[nxt]:] + [nxt]
-            seen[nxt] = len(path)
-            path.append(nxt)
+            prv = pred[path[-1]][0]
+            if prv in seen:
+                loop = path[seen[prv]:][::-1]  # forwards: prv -> ... -> path[-1] -> prv
+                i = loop.index(min(loop))  # start at the smallest name: a stable message
+                loop = loop[i:] + loop[:i]
+                return loop + [loop[0]]
+            seen[prv] = len(path)
+            path.append(prv)
 
     def _check_roles(self) -> None:
         for v in self.vertices.values():

@@ -75,21 +75,33 @@ class Layout:
                 f"{self.data_parallel} (backend {self.backend or 'none'})")
 
     @classmethod
-    def create(cls, lift_parallel: int = 1, backend: str | None = None, timeout_s: float = 600.0) -> "Layout":
+    def create(cls, lift_parallel: int = 1, backend: str | None = None, timeout_s: float = 600.0,
+               need_group: bool = False) -> "Layout":
         """Read the environment, check the degrees, start the process group and make the groups.
 
-        The degrees are validated before any process group starts.
+        The degrees are validated before any process group starts. At world size 1 no group is
+        started unless `need_group` (DeepSpeed wants one); it then listens on a free local port.
         """
         rank, world_size, local_rank = discover_env()
         check_degrees(world_size, lift_parallel)
         layout = cls(world_size, rank, lift_parallel, local_rank)
         if world_size == 1 and not dist.is_initialized():
-            return layout
+            if not need_group:
+                return layout
+            if "MASTER_PORT" not in os.environ:
+                import socket
+
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("WORLD_SIZE", str(world_size))
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))
             if backend == "nccl":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend, rank=rank, world_size=world_size,

@@ -125,6 +125,9 @@ class Lift:
                 yield b, src, dst, None
             return
         targets = np.asarray(targets, dtype=np.int64)
+        if targets.ndim != 1 or (targets.size > 1 and bool((targets[1:] <= targets[:-1]).any())):
+            raise LiftError(f"targets for fibre {e.dst!r} must be a 1-d strictly increasing array of "
+                            "indices (sorted, no repeats)")
         if targets.size and (targets[0] < 0 or targets[-1] >= self.sizes[e.dst]):
             raise LiftError(f"targets out of range [0, {self.sizes[e.dst]}) for fibre {e.dst!r}")
         blocks, starts = np.unique(targets // B, return_index=True)
@@ -144,7 +147,7 @@ class Lift:
         """`(src, dst)` of the lifted edges over base edge `e` ending in `targets` (None: all)."""
         e = self.base.edge(e)
         if isinstance(targets, range):
-            targets = np.arange(targets.start, targets.stop, dtype=np.int64)
+            targets = np.arange(targets.start, targets.stop, targets.step, dtype=np.int64)
         srcs, dsts = [], []
         for _, src, dst, keep in self.iter_blocks(e, targets):
             if keep is not None:

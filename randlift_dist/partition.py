@@ -9,8 +9,9 @@ Strategies:
 - `block` (default): per fibre, contiguous ranges balanced by in-edge count (all base in-edges of
   the fibre counted), with boundaries snapped to sampling blocks when the fibre is large enough
   that snapping costs little balance, so each rank samples whole blocks.
-- `graph`: METIS (pymetis) on the whole lifted graph, one balance constraint per fibre; for lifts
-  small enough to partition on one host. Cuts fewer edges than `block` at small degree.
+- `graph`: METIS (pymetis) on the whole lifted graph, then a greedy cut-aware pass that restores
+  the balance of every fibre (pymetis offers a single balance constraint); for lifts small
+  enough to partition on one host. Cuts far fewer edges than `block` at small degree.
 - `random`: a seeded random balanced assignment; the no-locality baseline.
 
 Partitions depend only on the lift and the strategy (never on the rank), so every rank computes
@@ -108,15 +109,43 @@ def graph_partition(lift: Lift, world_size: int, max_edges: int = 20_000_000) ->
     a, b = a[keep], b[keep]
     xadj = np.zeros(off + 1, dtype=np.int64)
     np.cumsum(np.bincount(a, minlength=off), out=xadj[1:])
-    # one balance constraint per fibre: vertex weight 1 in its own fibre's coordinate
-    vweights = np.zeros((off, len(hidden)), dtype=np.int64)
-    for k, v in enumerate(hidden):
-        vweights[offset[v]:offset[v] + lift.n(v), k] = 1
+    # pymetis runs METIS with a single balance constraint, so balance the whole graph there and
+    # then restore the balance of every fibre with a greedy, cut-aware move pass
     opts = pymetis.Options(seed=lift.seed % (2**31), contig=False)
-    _, parts = pymetis.part_graph(world_size, xadj=xadj, adjncy=b, vweights=vweights.reshape(-1).tolist(),
-                                  options=opts)
+    adjacency = pymetis.CSRAdjacency(xadj, b) if hasattr(pymetis, "CSRAdjacency") else None
+    if adjacency is not None:
+        _, parts = pymetis.part_graph(world_size, adjacency, options=opts)
+    else:
+        _, parts = pymetis.part_graph(world_size, xadj=xadj, adjncy=b, options=opts)
     parts = np.asarray(parts, dtype=np.int32)
-    return {v: parts[offset[v]:offset[v] + lift.n(v)] for v in hidden}
+    for v in hidden:
+        _rebalance_fibre(parts, xadj, b, offset[v], lift.n(v), world_size)
+    return {v: parts[offset[v]:offset[v] + lift.n(v)].copy() for v in hidden}
+
+
+def _rebalance_fibre(parts: np.ndarray, xadj: np.ndarray, adjncy: np.ndarray, lo: int, n: int, P: int) -> None:
+    """Move vertices of fibre [lo, lo+n) until every rank holds n // P or n // P + 1 of them.
+
+    Each move goes from the most overloaded rank to the most underloaded one and takes the
+    vertices with the best gain (neighbours in the destination minus neighbours left behind).
+    """
+    target = n // P + (np.arange(P) < n % P)
+    while True:
+        fibre = parts[lo:lo + n]
+        over = np.bincount(fibre, minlength=P) - target
+        if (over <= 0).all():
+            return
+        src_part, dst_part = int(np.argmax(over)), int(np.argmin(over))
+        k = int(min(over[src_part], -over[dst_part]))
+        cand = np.flatnonzero(fibre == src_part) + lo
+        deg = xadj[cand + 1] - xadj[cand]
+        owner = np.repeat(np.arange(cand.size), deg)
+        nbr = adjncy[np.concatenate([np.arange(xadj[c], xadj[c + 1]) for c in cand])] if cand.size else cand
+        nbr_part = parts[nbr]
+        gain = np.bincount(owner, weights=(nbr_part == dst_part).astype(float) - (nbr_part == src_part),
+                           minlength=cand.size)
+        move = cand[np.argsort(-gain, kind="stable")[:k]]
+        parts[move] = dst_part
 
 
 def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: int = 0) -> dict[str, np.ndarray]:
@@ -148,7 +177,7 @@ class Shard:
     world_size: int = 1
     group: Any = None
     exchange: str = "auto"
-    allgather_threshold: float = 0.5
+    allgather_threshold: float = 0.8
 
     def __post_init__(self):
         self._own: dict[str, np.ndarray] = {}
@@ -167,14 +196,21 @@ class Shard:
 
     @classmethod
     def create(cls, lift: Lift, layout, strategy: str = "block", exchange: str = "auto",
-               allgather_threshold: float = 0.5) -> "Shard":
+               allgather_threshold: float = 0.8) -> "Shard":
         """This rank's shard for a `layout.Layout` (its lift-parallel group and rank)."""
         from .comm import MODES
 
         if exchange not in MODES:
             raise PartitionError(f"exchange mode {exchange!r}: choose one of {MODES}")
         P = layout.lift_parallel
-        owners = make_partition(lift, P, strategy)
+        if strategy == "graph" and P > 1:  # one METIS run, broadcast: every rank gets the same owners
+            import torch.distributed as dist
+
+            box = [make_partition(lift, P, strategy) if layout.lift_rank == 0 else None]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(layout.lift_group, 0), group=layout.lift_group)
+            owners = box[0]
+        else:
+            owners = make_partition(lift, P, strategy)
         return cls(lift, owners, layout.lift_rank, P, layout.lift_group, exchange, allgather_threshold)
 
     def is_input(self, v: str) -> bool:
@@ -230,3 +266,9 @@ class Shard:
         from .comm import all_reduce_sum
 
         return all_reduce_sum(out, self.group)
+
+
+if __name__ == "__main__":  # python -m randlift_dist.partition: plan statistics without a cluster
+    from randlift_dist.planstats import main
+
+    main()

@@ -1,15 +1,64 @@
-"""`CSR`: the static in-edge structure of one base edge on one process, sorted by target row."""
+"""`CSR`: the static in-edge structure of one base edge on one process, sorted by target row.
+
+Besides the row pointer, a `CSR` lazily builds and caches what the kernels need, once per
+structure (the structure is static for the whole run, so this is setup cost, paid on first use):
+
+- `transposed()`: the edges sorted by source (row pointer over sources, target of each edge, and
+  the permutation to our edge order), for the input-gradient SpMM;
+- `indices32()`: int32 copies of the (transposed) row pointers and column indices for torch's
+  MKL CSR kernels, which otherwise convert int64 indices to int32 on every call;
+- `degree_groups(transposed)`: the rows (or sources) grouped by their number of edges, used by
+  the blocked kernel to turn the sparse product into one batched matmul per group.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class DegreeGroup:
+    """Rows that all have `k > 0` edges. `rows` ascending; if they form one range, `r0` is its start."""
+
+    k: int
+    rows: torch.Tensor  # int64 [n_k]
+    r0: int | None  # rows == arange(r0, r0 + n_k), else None
+    e0: int | None  # when r0 is set: the first edge of row r0 (the group's edges are one range)
+
+
+@dataclass(frozen=True)
+class DegreeGroups:
+    groups: tuple[DegreeGroup, ...]
+    empty: torch.Tensor | None  # int64 rows without edges (None when every row has one)
+
+
+def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
+    deg = indptr[1:] - indptr[:-1]
+    order = torch.argsort(deg, stable=True)  # ascending degree; rows ascending within a degree
+    ks, counts = torch.unique_consecutive(deg[order], return_counts=True)
+    groups, empty, s = [], None, 0
+    for k, c in zip(ks.tolist(), counts.tolist()):
+        rows = order[s:s + c]
+        s += c
+        if k == 0:
+            empty = rows
+            continue
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first + 1 == c:
+            groups.append(DegreeGroup(int(k), rows, first, int(indptr[first])))
+        else:
+            groups.append(DegreeGroup(int(k), rows, None, None))
+    return DegreeGroups(tuple(groups), empty)
 
 
 class CSR:
     """Edges `(col[k] -> row[k])` sorted by row; `indptr[r]:indptr[r+1]` are the edges of row r.
 
     `col` indexes the rows of the source buffer (`n_cols` rows). The transposed order (edges sorted
-    by source, for the input-gradient SpMM) is computed on first use and cached.
+    by source, for the input-gradient SpMM) and the other kernel structures are computed on first
+    use and cached (see the module doc).
     """
 
     def __init__(self, row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
@@ -23,6 +72,8 @@ class CSR:
         self.indptr = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=row.device)
         torch.cumsum(counts, 0, out=self.indptr[1:])
         self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._i32: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: dict[bool, DegreeGroups] = {}
 
     @property
     def nnz(self) -> int:
@@ -37,6 +88,21 @@ class CSR:
             torch.cumsum(counts, 0, out=t_indptr[1:])
             self._t = (t_indptr, self.row[perm], perm)
         return self._t
+
+    def indices32(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(indptr, col)` as int32 (of the transposed structure if asked), or int64 if too large."""
+        if transposed not in self._i32:
+            indptr, col = (self.transposed()[:2] if transposed else (self.indptr, self.col))
+            if max(self.nnz, self.n_rows, self.n_cols) < 2**31 - 1:
+                indptr, col = indptr.to(torch.int32), col.to(torch.int32)
+            self._i32[transposed] = (indptr, col)
+        return self._i32[transposed]
+
+    def degree_groups(self, transposed: bool = False) -> DegreeGroups:
+        """Targets (or, transposed, sources) grouped by in- (out-) degree; see `DegreeGroups`."""
+        if transposed not in self._groups:
+            self._groups[transposed] = _degree_groups(self.transposed()[0] if transposed else self.indptr)
+        return self._groups[transposed]
 
     def to(self, device: torch.device | str) -> "CSR":
         if self.row.device == torch.device(device):

@@ -1,15 +1,22 @@
-"""Aggregation implementations: reference, scalar CSR SpMM, chunked blocked gather-matmul."""
+"""Aggregation implementations: reference, scalar CSR SpMM, degree-grouped blocked gather-matmul.
+
+See the package doc (`ops/__init__.py`) for the algorithms and `bench/kernels.py` for measurements.
+"""
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 
-from .csr import CSR
+from .csr import CSR, DegreeGroups
 
 IMPLS = ("auto", "reference", "csr", "blocked")
-_CHUNK_ELEMS = 1 << 22  # elements of one gathered chunk ([c, d, B]) in the blocked kernel
+# Elements of one gathered chunk ([rows, k * d, B]) in the blocked kernel. 2**20 fp32 elements is
+# 4 MiB: the chunk is consumed by the matmul while it is still in L2/L3, and the workspace stays
+# below glibc's mmap threshold (fresh mmap'd pages cost ~0.3 ms per MiB on the benchmark VM).
+_CHUNK_ELEMS = 1 << 20
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -19,6 +26,37 @@ def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Ten
     return z.index_add(0, csr.row, msg)
 
 
+# ----------------------------------------------------------------------------- workspaces
+_tls = threading.local()
+
+
+def _workspace(n: int, like: torch.Tensor, slot: int) -> torch.Tensor:
+    """A flat scratch buffer of >= n elements, reused across calls on CPU (per thread, dtype, slot).
+
+    Only on CPU: there a fresh multi-MiB allocation is a fresh mmap whose page faults cost more
+    than the copy into it. On accelerators the caching allocator already recycles memory (and
+    reusing one buffer across streams would need stream bookkeeping), so we allocate.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(n)
+    cache = getattr(_tls, "ws", None)
+    if cache is None:
+        cache = _tls.ws = {}
+    key = (like.dtype, slot)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n:
+        buf = cache[key] = like.new_empty(max(n, 1024))
+    return buf[:n]
+
+
+def _ws_view(shape: tuple[int, ...], like: torch.Tensor, slot: int) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    return _workspace(n, like, slot).view(shape)
+
+
+# ----------------------------------------------------------------------------- scalar CSR
 def _csr_tensor(indptr, col, values, shape):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -26,18 +64,25 @@ def _csr_tensor(indptr, col, values, shape):
 
 
 class _ScalarCSR(torch.autograd.Function):
-    """d_u = d_v = 1: z = A @ Y with A the [n_v, n_u] CSR matrix of the edge weights."""
+    """d_u = d_v = 1: z = A @ Y with A the [n_v, n_u] CSR matrix of the edge weights.
+
+    Backward: `gY = A^T @ gZ` with the cached transposed structure (torch's `A.t() @ gZ` converts
+    the matrix on every call and is ~10x slower), and `gw = sampled(gZ @ Y^T)` on A's pattern.
+    Indices are cached as int32 (MKL's index type). Only y and w are saved.
+    """
 
     @staticmethod
     def forward(ctx, y, w, csr):
         B = y.shape[2]
-        A = _csr_tensor(csr.indptr, csr.col, w.reshape(-1), (csr.n_rows, csr.n_cols))
+        indptr, col = csr.indices32()
+        A = _csr_tensor(indptr, col, w.reshape(-1), (csr.n_rows, csr.n_cols))
         z = torch.sparse.mm(A, y.reshape(csr.n_cols, B))  # [n_v, B]
         ctx.csr = csr
         ctx.save_for_backward(y, w)
         return z.view(csr.n_rows, 1, B)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
         csr = ctx.csr
@@ -45,11 +90,13 @@ class _ScalarCSR(torch.autograd.Function):
         gz2 = gz.reshape(csr.n_rows, B).contiguous()
         gy = gw = None
         if ctx.needs_input_grad[0]:
-            t_indptr, t_col, perm = csr.transposed()
+            perm = csr.transposed()[2]
+            t_indptr, t_col = csr.indices32(transposed=True)
             At = _csr_tensor(t_indptr, t_col, w.reshape(-1)[perm], (csr.n_cols, csr.n_rows))
             gy = torch.sparse.mm(At, gz2).view(csr.n_cols, 1, B)
         if ctx.needs_input_grad[1]:
-            pattern = _csr_tensor(csr.indptr, csr.col, w.new_zeros(csr.nnz), (csr.n_rows, csr.n_cols))
+            indptr, col = csr.indices32()
+            pattern = _csr_tensor(indptr, col, w.new_empty(csr.nnz), (csr.n_rows, csr.n_cols))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sampled = torch.sparse.sampled_addmm(pattern, gz2, y.reshape(csr.n_cols, B).t(), beta=0.0)
@@ -57,40 +104,165 @@ class _ScalarCSR(torch.autograd.Function):
         return gy, gw, None
 
 
-def _chunks(m: int, d: int, B: int):
-    c = max(1, _CHUNK_ELEMS // max(1, d * B))
-    for s in range(0, m, c):
-        yield slice(s, min(m, s + c))
+# ----------------------------------------------------------------------------- blocked
+def _row_chunks(groups: DegreeGroups, w_shape, B: int):
+    """Yield `(k, rows, r0, e0)` chunks whose gathered activations and weight blocks each hold at
+    most ~_CHUNK_ELEMS elements; `r0, e0` (first row, first edge) when the rows are one range."""
+    _, d_v, d_u = w_shape
+    per_edge = max(d_u * B, d_v * B, d_u * d_v)
+    for g in groups.groups:
+        c = max(1, _CHUNK_ELEMS // (g.k * per_edge))
+        n = g.rows.numel()
+        for s in range(0, n, c):
+            rows = g.rows[s:s + c]
+            if g.r0 is None:
+                yield g.k, rows, None, None
+            else:
+                yield g.k, rows, g.r0 + s, g.e0 + s * g.k
+
+
+def _edges(indptr: torch.Tensor, rows: torch.Tensor, k: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Edge ids `[len(rows) * k]` (row-major) of rows that all have k edges; via `perm` if given."""
+    e = (indptr.index_select(0, rows).unsqueeze(1) + torch.arange(k, device=rows.device)).reshape(-1)
+    return e if perm is None else perm.index_select(0, e)
+
+
+def _vk_index(e: torch.Tensor, c: int, k: int, d_v: int) -> torch.Tensor:
+    """Row ids of `w.view(m * d_v, d_u)` in the order (row n, v, slot k): `e[n, k] * d_v + v`."""
+    return (e.view(c, 1, k) * d_v + torch.arange(d_v, device=e.device).view(1, d_v, 1)).reshape(-1)
+
+
+def _gather_w_vk(w: torch.Tensor, e: torch.Tensor | None, e0: int, c: int, k: int) -> torch.Tensor:
+    """`[c, d_v, k * d_u]`: for each of c rows, its k weight blocks side by side (`[W_1 ... W_k]`)."""
+    _, d_v, d_u = w.shape
+    if e is None:  # edges e0 .. e0 + c*k, in row order
+        src = w[e0:e0 + c * k].view(c, k, d_v, d_u)
+        if d_v == 1 or k == 1:
+            return src.view(c, d_v, k * d_u) if d_v == 1 else src.view(c, d_v, d_u)
+        out = _ws_view((c, d_v, k, d_u), w, 1)
+        out.copy_(src.transpose(1, 2))
+        return out.view(c, d_v, k * d_u)
+    if d_v == 1 or k == 1:
+        return torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1)).view(c, d_v, k * d_u)
+    out = _ws_view((c * d_v * k, d_u), w, 1)
+    torch.index_select(w.view(-1, d_u), 0, _vk_index(e, c, k, d_v), out=out)
+    return out.view(c, d_v, k * d_u)
+
+
+def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
+    """z = sum over edges of W @ y[col], one batched matmul per (degree, chunk) of target rows.
+
+    For the c rows of a chunk that all have k in-edges: gather their sources into `[c, k*d_u, B]`,
+    lay their weights side by side as `[c, d_v, k*d_u]` and multiply: each row's sum over edges
+    becomes the inner dimension of one GEMM, so there is no scatter-add and no `[m, d_v, B]`
+    message tensor. Rows with one range of indices are written in place; others are scattered
+    with `index_copy_` (no conflicts: each row is written once).
+    """
+    m, d_v, d_u = w.shape
+    B = y.shape[2]
+    groups = csr.degree_groups()
+    z = y.new_empty(csr.n_rows, d_v, B)
+    if groups.empty is not None:
+        z.index_fill_(0, groups.empty, 0)
+    for k, rows, r0, e0 in _row_chunks(groups, w.shape, B):
+        c = rows.numel()
+        if r0 is not None:
+            src = csr.col[e0:e0 + c * k]
+            e = None
+        else:
+            e0 = 0
+            e = _edges(csr.indptr, rows, k)
+            src = csr.col.index_select(0, e)
+        yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0)).view(c, k * d_u, B)
+        wg = _gather_w_vk(w, e, e0, c, k)
+        if r0 is not None:
+            torch.bmm(wg, yg, out=z[r0:r0 + c])
+        else:
+            z.index_copy_(0, rows, torch.bmm(wg, yg, out=_ws_view((c, d_v, B), y, 2)))
+    return z
+
+
+def _blocked_grad_input(gz: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
+    """gy[i] = sum over out-edges (i -> j) of W^T @ gz[j]: the forward kernel on the transposed
+    structure. The weights need no rearranging: for a source with k out-edges, `[W_1^T ... W_k^T]`
+    is the transpose of the contiguous `[k * d_v, d_u]` stack of its (gathered) blocks."""
+    m, d_v, d_u = w.shape
+    B = gz.shape[2]
+    t_indptr, t_row, perm = csr.transposed()
+    groups = csr.degree_groups(transposed=True)
+    gy = gz.new_empty(csr.n_cols, d_u, B)
+    if groups.empty is not None:
+        gy.index_fill_(0, groups.empty, 0)
+    for k, srcs, s0, p0 in _row_chunks(groups, w.shape, B):
+        c = srcs.numel()
+        if s0 is not None:
+            e = perm[p0:p0 + c * k]
+            tgt = t_row[p0:p0 + c * k]
+        else:
+            pos = _edges(t_indptr, srcs, k)
+            e = perm.index_select(0, pos)
+            tgt = t_row.index_select(0, pos)
+        gg = torch.index_select(gz, 0, tgt, out=_ws_view((c * k, d_v, B), gz, 0)).view(c, k * d_v, B)
+        wt = torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1)).view(c, k * d_v, d_u).transpose(1, 2)
+        if s0 is not None:
+            torch.bmm(wt, gg, out=gy[s0:s0 + c])
+        else:
+            gy.index_copy_(0, srcs, torch.bmm(wt, gg, out=_ws_view((c, d_u, B), gz, 2)))
+    return gy
+
+
+def _blocked_grad_weight(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -> torch.Tensor:
+    """gw[e] = gz[row_e] @ y[col_e]^T: per chunk of rows with k edges, one batched matmul
+    `gz[rows] [c, d_v, B] @ gathered y^T [c, B, k*d_u]` (the gather is recomputed here, never saved)."""
+    m, d_v, d_u = w_shape
+    B = y.shape[2]
+    gw = gz.new_empty(m, d_v, d_u)
+    for k, rows, r0, e0 in _row_chunks(csr.degree_groups(), w_shape, B):
+        c = rows.numel()
+        if r0 is not None:
+            src = csr.col[e0:e0 + c * k]
+            g = gz[r0:r0 + c]
+            e = None
+        else:
+            e0 = 0
+            e = _edges(csr.indptr, rows, k)
+            src = csr.col.index_select(0, e)
+            g = torch.index_select(gz, 0, rows, out=_ws_view((c, d_v, B), gz, 2))
+        yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0)).view(c, k * d_u, B)
+        if e is None and (d_v == 1 or k == 1):  # the product is already in gw's layout
+            torch.bmm(g, yg.transpose(1, 2), out=gw[e0:e0 + c * k].view(c, d_v, k * d_u))
+            continue
+        prod = torch.bmm(g, yg.transpose(1, 2), out=_ws_view((c, d_v, k * d_u), gz, 1))
+        if e is None:
+            gw[e0:e0 + c * k].view(c, k, d_v, d_u).copy_(prod.view(c, d_v, k, d_u).transpose(1, 2))
+        elif d_v == 1 or k == 1:
+            gw.index_copy_(0, e, prod.view(c * k, d_v, d_u))
+        else:
+            gw.view(m * d_v, d_u).index_copy_(0, _vk_index(e, c, k, d_v), prod.view(c * d_v * k, d_u))
+    return gw
 
 
 class _Blocked(torch.autograd.Function):
-    """Any dims: per chunk of edges, gather y[col], batched matmul with w, index_add into z."""
+    """Any dims; see `_blocked_forward`, `_blocked_grad_input`, `_blocked_grad_weight`.
+
+    Saves only y and w: the gathers are recomputed chunk by chunk in the backward, so no
+    `[m, d, B]` tensor lives between forward and backward.
+    """
 
     @staticmethod
     def forward(ctx, y, w, csr):
-        m, d_v, d_u = w.shape
-        B = y.shape[2]
-        z = y.new_zeros(csr.n_rows, d_v, B)
-        for e in _chunks(m, max(d_u, d_v), B):
-            z.index_add_(0, csr.row[e], torch.bmm(w[e], y[csr.col[e]]))  # [c, d_v, B]
         ctx.csr = csr
         ctx.save_for_backward(y, w)
-        return z
+        return _blocked_forward(y, w, csr)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
         csr = ctx.csr
-        m, d_v, d_u = w.shape
-        B = y.shape[2]
-        gy = torch.zeros_like(y) if ctx.needs_input_grad[0] else None
-        gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        for e in _chunks(m, max(d_u, d_v), B):
-            g = gz[csr.row[e]]  # [c, d_v, B]
-            if gy is not None:
-                gy.index_add_(0, csr.col[e], torch.bmm(w[e].transpose(1, 2), g))
-            if gw is not None:
-                torch.bmm(g, y[csr.col[e]].transpose(1, 2), out=gw[e])
+        gz = gz.contiguous()
+        gy = _blocked_grad_input(gz, w, csr) if ctx.needs_input_grad[0] else None
+        gw = _blocked_grad_weight(gz, y, w.shape, csr) if ctx.needs_input_grad[1] else None
         return gy, gw, None
 
 
@@ -106,7 +278,7 @@ def aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") ->
     if impl == "csr":
         if w.shape[1] != 1 or w.shape[2] != 1:
             raise ValueError(f"impl='csr' needs scalar vertices, got weight blocks {tuple(w.shape[1:])}")
-        return _ScalarCSR.apply(y.contiguous(), w, csr)
+        return _ScalarCSR.apply(y.contiguous(), w.contiguous(), csr)
     if impl == "blocked":
-        return _Blocked.apply(y.contiguous(), w, csr)
+        return _Blocked.apply(y.contiguous(), w.contiguous(), csr)
     raise ValueError(f"unknown aggregation impl {impl!r}: choose one of {IMPLS}")

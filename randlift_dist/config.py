@@ -1,0 +1,318 @@
+"""Typed run configuration: dataclasses with a one-line doc per field, YAML files, dotted overrides.
+
+`load_config(path, overrides)` reads a YAML file (or, when `path` is None, the embedded default:
+the dataclass defaults below, a tiny teacher-student run that `configs/tiny.yaml` spells out), applies `key.path=value` overrides (values parsed as YAML scalars), rejects
+unknown keys, checks types and choices, and validates each section where it lives. Every error is
+a `ConfigError` naming the key, the bad value and the fix; nothing here starts a process group.
+Values that depend on the world (the data-parallel degree, DeepSpeed's batch sizes) are derived
+later (`derive`), never written in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field with its one-line documentation in the metadata."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class LiftConfig:
+    size: int = doc("fibre size s of every hidden and output vertex", 64)
+    degree: Any = doc("average degree per base edge (number, or mapping 'u->v': degree)", 4)
+    law: Literal["bernoulli", "fixed_degree"] = doc("edge law of the random sparse lift", "bernoulli")
+    seed: int = doc("seed of the lifted graph (its edges)", 0)
+    block_size: int = doc("targets per sampling block (part of the lift's definition)", 512)
+
+
+@dataclass
+class ModelConfig:
+    base: dict = doc("base network: {vertices, edges} or a builder {builder: mlp, in_dim, hidden_dims, out_dim, activation}",
+                     factory=lambda: {"builder": "mlp", "in_dim": 4, "hidden_dims": [4, 4], "out_dim": 1,
+                                      "activation": "tanh"})
+    lift: LiftConfig = doc("the lift of the base network", factory=LiftConfig)
+    weight_seed: int = doc("seed of the initial weights", 0)
+    weight_scale: float | None = doc("std of initial edge weights (null: 1/sqrt(expected fan-in))", None)
+    readout_scale: Literal["sum", "mean", "sqrt"] = doc("readout normalisation c: 1, 1/N or 1/sqrt(N)", "sqrt")
+    readout_init: Literal["zero", "normal"] = doc("initial readout rows", "zero")
+    impl: Literal["auto", "reference", "csr", "blocked"] = doc("aggregation kernel", "auto")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["teacher", "file"] = doc("teacher-student task, or arrays from a .npz/.pt file", "teacher")
+    path: str | None = doc("file with arrays x [N, in_dim] and y [N, out_dim] (kind: file)", None)
+    n_train: int = doc("training samples (teacher task)", 2048)
+    n_test: int = doc("test samples (teacher task); for files: held-out count", 512)
+    input_dist: Literal["gaussian", "uniform"] = doc("input law of the teacher task", "gaussian")
+    label_noise: float = doc("std of Gaussian noise added to the teacher's training labels", 0.0)
+    teacher_size: int = doc("lift size of the teacher (the witness network)", 4)
+    teacher_degree: float = doc("average degree of the teacher's lift", 2)
+    teacher_seed: int = doc("seed of the teacher's lift and weights", 1234)
+    seed: int = doc("seed of inputs, noise and the epoch order", 0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc("optimizer steps", 300)
+    lr: float = doc("peak learning rate", 0.05)
+    batch_size: int = doc("global batch (split over data-parallel replicas)", 64)
+    optimizer: Literal["sgd", "adam", "adamw"] = doc("optimizer", "adam")
+    momentum: float = doc("SGD momentum", 0.0)
+    weight_decay: float = doc("weight decay", 0.0)
+    warmup_steps: int = doc("linear warm-up steps", 10)
+    schedule: Literal["cosine", "constant"] = doc("learning-rate schedule after warm-up", "cosine")
+    min_lr_ratio: float = doc("final lr / peak lr of the cosine schedule", 0.1)
+    grad_clip: float = doc("clip the global gradient norm to this (0: off)", 1.0)
+    log_every: int = doc("steps between metric records", 10)
+    eval_every: int = doc("steps between test evaluations (0: only at the end)", 50)
+    resume: str = doc("'auto' (latest checkpoint in run.dir), 'none', or a checkpoint directory", "auto")
+    dtype: Literal["float32", "float64"] = doc("parameter dtype of the torch engine", "float32")
+
+
+@dataclass
+class ParallelConfig:
+    lift_parallel: int = doc("ranks sharing one lift (data_parallel = world_size / lift_parallel)", 1)
+    engine: Literal["deepspeed", "torch"] = doc("training engine", "deepspeed")
+    zero_stage: Literal[0, 1, 2] = doc("DeepSpeed ZeRO stage (optimizer/gradient sharding over data-parallel)", 0)
+    precision: Literal["fp32", "bf16"] = doc("DeepSpeed precision", "fp32")
+    offload_optimizer: bool = doc("DeepSpeed optimizer state offload to CPU (ZeRO >= 1)", False)
+    partition: Literal["block", "graph", "random"] = doc("ownership of lifted vertices", "block")
+    exchange: Literal["auto", "alltoall", "allgather"] = doc("exchange mode per base edge", "auto")
+    allgather_threshold: float = doc("auto mode: all-gather when halo rows >= this fraction of its volume", 0.8)
+    backend: Literal["auto", "gloo", "nccl"] = doc("torch.distributed backend (auto: nccl with GPUs)", "auto")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc("steps between checkpoints (0: only at the end)", 100)
+    keep: int = doc("checkpoints kept (older ones deleted)", 2)
+    deepspeed_files: bool = doc("also write DeepSpeed's own checkpoint files", True)
+
+
+@dataclass
+class RunConfig:
+    dir: str = doc("run directory: config, metrics.jsonl, checkpoints, wandb", "runs/tiny")
+    name: str | None = doc("run name (wandb); default: the run directory's name", None)
+    progress: bool = doc("show a progress bar on rank 0", True)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = doc("wandb mode; offline never touches the network", "offline")
+    project: str = doc("wandb project", "randlift_dist")
+    entity: str | None = doc("wandb entity (team)", None)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc("the network", factory=ModelConfig)
+    data: DataConfig = doc("the task", factory=DataConfig)
+    train: TrainConfig = doc("optimisation", factory=TrainConfig)
+    parallel: ParallelConfig = doc("parallel layout and engine", factory=ParallelConfig)
+    checkpoint: CheckpointConfig = doc("checkpoints", factory=CheckpointConfig)
+    run: RunConfig = doc("outputs", factory=RunConfig)
+    wandb: WandbConfig = doc("wandb logging", factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that do not need the world size."""
+        positive = {"model.lift.size": self.model.lift.size, "model.lift.block_size": self.model.lift.block_size,
+                    "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
+                    "train.log_every": self.train.log_every, "parallel.lift_parallel": self.parallel.lift_parallel,
+                    "data.n_train": self.data.n_train, "data.teacher_size": self.data.teacher_size,
+                    "checkpoint.keep": self.checkpoint.keep}
+        for key, v in positive.items():
+            if v <= 0:
+                raise ConfigError(f"{key}={v!r}: must be > 0")
+        non_negative = {"train.warmup_steps": self.train.warmup_steps, "train.eval_every": self.train.eval_every,
+                        "checkpoint.every": self.checkpoint.every, "data.label_noise": self.data.label_noise,
+                        "train.grad_clip": self.train.grad_clip, "train.weight_decay": self.train.weight_decay,
+                        "data.n_test": self.data.n_test, "train.momentum": self.train.momentum}
+        for key, v in non_negative.items():
+            if v < 0:
+                raise ConfigError(f"{key}={v!r}: must be >= 0")
+        if not self.train.lr > 0:
+            raise ConfigError(f"train.lr={self.train.lr!r}: must be > 0")
+        if self.data.kind == "file" and not self.data.path:
+            raise ConfigError("data.kind=file needs data.path=<file.npz or file.pt with arrays x and y>")
+        if self.parallel.offload_optimizer and (self.parallel.engine != "deepspeed" or self.parallel.zero_stage == 0):
+            raise ConfigError("parallel.offload_optimizer=true needs parallel.engine=deepspeed and parallel.zero_stage>=1")
+        if self.parallel.precision == "bf16" and self.parallel.engine != "deepspeed":
+            raise ConfigError("parallel.precision=bf16 needs parallel.engine=deepspeed (the torch engine runs in train.dtype)")
+        if not 0 < self.parallel.allgather_threshold:
+            raise ConfigError(f"parallel.allgather_threshold={self.parallel.allgather_threshold!r}: must be > 0")
+        if self.train.resume not in ("auto", "none") and not Path(self.train.resume).exists():
+            raise ConfigError(f"train.resume={self.train.resume!r}: no such checkpoint directory "
+                              "(use 'auto', 'none' or an existing checkpoint path)")
+        self._check_base()
+        return self
+
+    def _check_base(self) -> None:
+        from .graph import BaseGraph, GraphError
+        from .lift import LiftError, random_sparse_lift
+
+        try:
+            base = BaseGraph.from_dict(self.model.base)
+        except GraphError as err:
+            raise ConfigError(f"model.base: {err}") from None
+        try:
+            random_sparse_lift(base, self.model.lift.size, self.model.lift.degree, self.model.lift.seed,
+                               self.model.lift.law, self.model.lift.block_size)
+        except LiftError as err:
+            raise ConfigError(f"model.lift: {err}") from None
+
+
+# ---------------------------------------------------------------- parsing
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float) a value against a field type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(f'{prefix}.{k}'.lstrip('.') for k in unknown)} in {where}; "
+                          f"known keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}".lstrip(".")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+            continue
+        ok, value = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "base":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: write key.path=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        cls: Any = Config
+        for i, part in enumerate(path):
+            fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+            if fields is not None and part not in fields:
+                raise ConfigError(f"override {text!r}: unknown key {'.'.join(path[:i + 1])}; "
+                                  f"known keys here: {', '.join(sorted(fields))}")
+            if i == len(path) - 1:
+                node[part] = value
+                break
+            hint = typing.get_type_hints(cls)[part] if fields is not None else None
+            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override, type-check and validate a configuration."""
+    data: Any = {}
+    if path is not None:  # None: the embedded default, which is the dataclass defaults
+        src = Path(path)
+        if not src.is_file():
+            raise ConfigError(f"--config {str(src)!r}: no such file")
+        try:
+            data = yaml.safe_load(src.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{src}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{src}: the top level must be a mapping of sections (model, data, train, ...)")
+    data = apply_overrides(data, list(overrides or []))
+    return _build(Config, data, "").validate()
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[str]:
+    """`key: doc` lines for every field (used by `--help-config`)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe_fields(hints[f.name], key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else "(mapping)"
+            lines.append(f"{key} [{_describe(hints[f.name])}] = {default!r}: {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,317 @@
+"""Training engines: DeepSpeed (the default) and plain torch, with one interface.
+
+Both take a sharded `LiftedNetwork` and a `Layout` and do, per step: forward on this replica's
+slice of the global batch, MSE loss, backward, gradient averaging over the data-parallel group,
+global gradient norm (each shard counted once: a sum of squares over the lift-parallel group),
+clipping, optimizer step and a warm-up + cosine learning-rate schedule. The loss and the gradient
+norm they report do not depend on the layout.
+
+This is the only module that imports deepspeed, and only when the DeepSpeed engine is built.
+DeepSpeed gets the layout through an `mpu` object (lift-parallel = its "model parallel"), every
+parameter carries `model_parallel = True`, and its config is generated from ours (`ds_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+from .layout import Layout
+
+MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then cosine."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def grad_norm(grads: list[torch.Tensor], layout: Layout) -> float:
+    """Global L2 norm of sharded gradients: each shard's sum of squares, summed over the lift group."""
+    sq = torch.stack([g.double().pow(2).sum() for g in grads if g is not None]).sum().reshape(1)
+    return float(_all_reduce(sq, layout.lift_group).sqrt())
+
+
+class LiftMPU:
+    """DeepSpeed's view of our layout: lift-parallel = its model parallel axis."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def get_model_parallel_group(self):
+        return self.layout.lift_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.layout.lift_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.layout.lift_parallel
+
+    def get_data_parallel_group(self):
+        return self.layout.data_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.layout.data_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.layout.data_parallel
+
+
+class Engine:
+    """Common parts: the loss, the learning rate, evaluation."""
+
+    name = "base"
+
+    def __init__(self, net, cfg: Config, layout: Layout):
+        self.net, self.cfg, self.layout = net, cfg, layout
+        self.step_count = 0
+
+    def lr(self) -> float:
+        return self.cfg.train.lr * lr_factor(self.cfg, self.step_count)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.forward(x)
+        return torch.mean((out.float() - y.to(out.device).float()) ** 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.device()))
+
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @torch.no_grad()
+    def sum_squared_error(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Sum over these rows of the squared error (mean over outputs); collective over the lift group."""
+        total = 0.0
+        for i in range(0, x.shape[0], 1024):
+            out = self.forward(x[i:i + 1024]).float()
+            total += float(((out - y[i:i + 1024].to(out.device)) ** 2).mean(1).sum())
+        return total
+
+    def replica_mean(self, value: float) -> float:
+        """Average of a per-replica scalar over the data-parallel group."""
+        t = torch.tensor([value], dtype=torch.float64)
+        return float(_all_reduce(t, self.layout.data_group)) / self.layout.data_parallel
+
+    def master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The full-precision value of a parameter (what checkpoints store)."""
+        return p.detach()
+
+    # engines implement: train_step, moments / load_moments, optimizer_params, save_native, load_native
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, net, cfg: Config, layout: Layout):
+        super().__init__(net, cfg, layout)
+        self.params = [p for p in net.parameters()]
+        self.optimizer = make_optimizer(cfg, self.params)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        lr = self.lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self._loss(x, y)
+        loss.backward()
+        D = self.layout.data_parallel
+        grads = [p.grad for p in self.params]
+        if D > 1:  # average over data-parallel replicas, one flat all-reduce
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            _all_reduce(flat, self.layout.data_group).div_(D)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        norm = grad_norm(grads, self.layout)
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                for g in grads:
+                    g.mul_(coef)
+        self.optimizer.step()
+        self.step_count += 1
+        return {"loss": self.replica_mean(loss.item()), "grad_norm": norm, "lr": lr}
+
+    def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        st = self.optimizer.state.get(p, {})
+        return {k: st[k] for k in MOMENT_KEYS[self.cfg.train.optimizer] if k in st and st[k] is not None}
+
+    def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
+        st = self.optimizer.state[p]
+        for k, v in moments.items():
+            st[k] = v.to(p.device, p.dtype).clone()
+        if self.cfg.train.optimizer != "sgd" and moments:
+            st["step"] = torch.tensor(float(step))
+
+    def save_native(self, path: str) -> None:
+        pass  # the layout-independent checkpoint holds everything the torch engine needs
+
+    def load_native(self, path: str) -> bool:
+        return False
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, net, cfg: Config, layout: Layout):
+        super().__init__(net, cfg, layout)
+        try:
+            import deepspeed
+        except ImportError as err:
+            raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
+                              "pip install deepspeed, or set parallel.engine=torch") from None
+        if not dist.is_initialized():
+            raise RuntimeError("the DeepSpeed engine needs a process group: build the Layout with "
+                               "Layout.create(..., need_group=True)")
+        ds_cfg = ds_config(cfg, layout)
+        optimizer = None if cfg.parallel.offload_optimizer else make_optimizer(cfg, list(net.parameters()))
+        sched = None
+        if optimizer is not None:
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=net, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg, mpu=LiftMPU(layout),
+            model_parameters=list(net.parameters()) if optimizer is None else None)
+        self.net = self.engine.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.net.parameters()).dtype
+        return self.engine(x.to(self.engine.device, dtype))
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        lr = self.lr()
+        loss = self._loss(x, y)
+        self.engine.backward(loss)
+        norm = None
+        if not self._fragment_api():  # stage 0 fp32: DeepSpeed clips without recording the norm
+            norm = grad_norm([p.grad for p in self.net.parameters()], self.layout)
+        self.engine.step()
+        self.step_count += 1
+        if norm is None:
+            ds_norm = self.engine.get_global_grad_norm()
+            norm = float(ds_norm) if ds_norm is not None else float("nan")
+        return {"loss": self.replica_mean(loss.item()), "grad_norm": norm, "lr": lr}
+
+    def _fragment_api(self) -> bool:
+        return self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.precision == "bf16"
+
+    def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        keys = MOMENT_KEYS[self.cfg.train.optimizer]
+        if self._fragment_api():
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            out = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+            return {k: v for k, v in out.items() if v is not None}
+        st = self.engine.optimizer.state.get(p, {})
+        return {k: st[k] for k in keys if k in st}
+
+    def master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 master copy of a parameter (bf16 / ZeRO keep it apart from the module's)."""
+        if self._fragment_api():
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p)
+        return p.detach()
+
+    def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
+        if not self._fragment_api():
+            st = self.engine.optimizer.state[p]
+            for k, v in moments.items():
+                st[k] = v.to(p.device, torch.float32).clone()
+            if self.cfg.train.optimizer != "sgd" and moments:
+                st["step"] = torch.tensor(float(step))
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._ensure_inner_state(step)
+        for k, v in moments.items():
+            safe_set_full_optimizer_state(p, v.to(p.device, torch.float32), k)
+
+    def _ensure_inner_state(self, step: int) -> None:
+        """ZeRO / bf16 keep flat fp32 partitions in an inner torch optimizer whose state is made
+        lazily on the first step; create it (zeros) so saved moments can be written into it."""
+        inner = self.engine.optimizer.optimizer
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                st = inner.state[flat]
+                if self.cfg.train.optimizer == "sgd":
+                    if self.cfg.train.momentum > 0:
+                        st.setdefault("momentum_buffer", torch.zeros_like(flat))
+                else:
+                    st.setdefault("exp_avg", torch.zeros_like(flat))
+                    st.setdefault("exp_avg_sq", torch.zeros_like(flat))
+                    st["step"] = torch.tensor(float(step))
+
+    def save_native(self, path: str) -> None:
+        self.engine.save_checkpoint(path, tag="ds", client_state={"step": self.step_count})
+
+    def load_native(self, path: str) -> bool:
+        load_path, client = self.engine.load_checkpoint(path, tag="ds")
+        if load_path is None:
+            return False
+        self.step_count = int(client["step"])
+        return True
+
+
+def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """DeepSpeed's configuration, generated from ours (never patched after loading)."""
+    p, t = cfg.parallel, cfg.train
+    micro = t.batch_size // layout.data_parallel
+    ds: dict[str, Any] = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if t.grad_clip > 0:
+        ds["gradient_clipping"] = t.grad_clip
+    if p.offload_optimizer:
+        if t.optimizer == "sgd":
+            raise ConfigError("parallel.offload_optimizer=true needs train.optimizer=adam or adamw")
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        ds["optimizer"] = {"type": "AdamW" if t.optimizer == "adamw" else "Adam",
+                           "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.steps, "warmup_num_steps": max(1, t.warmup_steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio}}
+    return ds
+
+
+def build_engine(net, cfg: Config, layout: Layout) -> Engine:
+    if cfg.parallel.engine == "torch":
+        return TorchEngine(net, cfg, layout)
+    return DeepSpeedEngine(net, cfg, layout)

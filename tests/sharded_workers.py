@@ -1,0 +1,397 @@
+"""Worker code for `test_sharded.py`: what each rank of a spawned gloo world checks.
+
+A world costs seconds to start, so one world checks many things: for every base graph, partition
+strategy and exchange mode it builds the sharded network, compares it with the world-size-1
+network of the same seed (built in the same process: `shard=None` owns everything and skips every
+exchange), checks the byte accounting against the plan and the plan against a halo lower bound
+computed here from the gathered edge lists, and trains a few SGD steps.
+
+Workers never raise on a failed comparison: every rank must reach the same collectives, so a
+check only appends a record `(label, ok, detail)` under a category; the parent asserts on them.
+An exception (a real error in the library) still ends the world and is reported by `run_world`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from randlift_dist import BaseGraph, Layout, LayoutError, PartitionError, Shard, random_sparse_lift
+from randlift_dist.export import gather_network
+from randlift_dist.model import LiftedNetwork
+
+_TRACE = bool(os.environ.get("RANDLIFT_TEST_TRACE"))  # print every check as it is made
+RTOL = 1e-5
+TINY = 1e-12
+STRATEGIES = ("block", "graph", "random")
+MODES = ("alltoall", "allgather", "auto")
+BATCH = 5
+SGD_STEPS = 20
+SGD_LR = {"skip": 0.005, "mixed": 3.0, "resid": 0.01}  # per case: decreasing, finite curves
+
+# ---------------------------------------------------------------- base graphs and lifts
+SKIP = {  # skip edges from the input and from h1 to the output, a bias, relu and tanh
+    "vertices": [
+        {"name": "x", "dim": 3, "role": "input"},
+        {"name": "h1", "dim": 4, "activation": "tanh"},
+        {"name": "h2", "dim": 2, "activation": "relu", "bias": True},
+        {"name": "y", "dim": 2, "role": "output"},
+    ],
+    "edges": [["x", "h1"], ["h1", "h2"], ["x", "h2"], ["h2", "y"], ["h1", "y"]],
+}
+MIXED = {  # two inputs, scalar (d=1) vertices, two outputs of different dims, output -> output
+    "vertices": [
+        {"name": "a", "dim": 2, "role": "input"},
+        {"name": "b", "dim": 1, "role": "input"},
+        {"name": "s", "dim": 1, "activation": "tanh", "bias": True},
+        {"name": "h", "dim": 3, "activation": "gelu", "bias": True},
+        {"name": "o1", "dim": 1, "role": "output", "bias": True},
+        {"name": "o2", "dim": 3, "role": "output", "activation": "sigmoid", "bias": True},
+    ],
+    "edges": [["a", "s"], ["b", "s"], ["a", "h"], ["s", "h"], ["h", "o1"], ["s", "o1"],
+              ["h", "o2"], ["o1", "o2"], ["s", "o2"]],
+}
+
+
+def make_case(name: str):
+    """`(base, lift, network kwargs)` of a named test case; fibre sizes not divisible by 2, 3, 4."""
+    if name == "skip":
+        base = BaseGraph.from_dict(SKIP)
+        lift = random_sparse_lift(base, 37, 3, seed=5)
+        kw = dict(readout_init="normal", readout_scale="sum", seed=11)
+    elif name == "mixed":
+        base = BaseGraph.from_dict(MIXED)
+        sizes = {"a": 3, "b": 2, "s": 50, "h": 37, "o1": 23, "o2": 41}
+        # block_size 2: many sampling blocks per fibre, and block-snapped `block` partitions
+        lift = random_sparse_lift(base, sizes, {"a->s": 2, "b->s": 1.5, "a->h": 2, "s->h": 4,
+                                                "h->o1": 3, "s->o1": 2.5, "h->o2": 3, "o1->o2": 2,
+                                                "s->o2": 2}, seed=7, block_size=2)
+        kw = dict(readout_init="normal", readout_scale="mean", seed=3, out_dim=2)
+    elif name == "resid":
+        base = BaseGraph.residual_mlp(2, 2, 3, 1, activation="tanh", bias=True)
+        sizes = {"h1": 50, "h2": 37, "h3": 29, "y": 3}  # y: fewer vertices than ranks at P = 4
+        lift = random_sparse_lift(base, sizes, 3, seed=9, law="fixed_degree", block_size=8)
+        kw = dict(readout_init="normal", readout_scale="sqrt", seed=21, weight_scale=0.7)
+    else:
+        raise KeyError(name)
+    return base, lift, kw
+
+
+CASES = ("skip", "mixed", "resid")
+
+
+def batch(base, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, base.in_dim, generator=g), torch.randn(n, 1, generator=g)
+
+
+def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out - target).pow(2).mean()  # target broadcasts over the readout width
+
+
+# ---------------------------------------------------------------- recording checks
+class Checks:
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.records: dict[str, list[tuple[str, bool, str]]] = defaultdict(list)
+
+    def add(self, category: str, label: str, ok: bool, detail: str = "") -> None:
+        if _TRACE:
+            print(f"[{self.rank}] {category} {label} {ok}", file=sys.stderr, flush=True)
+        self.records[category].append((f"rank {self.rank} {label}", bool(ok), detail))
+
+    def close(self, category: str, label: str, a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> None:
+        """`||a - b|| <= rtol ||b|| + tiny` (b is the world-size-1 value)."""
+        a, b = a.detach().double(), b.detach().double()
+        if a.shape != b.shape:
+            self.add(category, label, False, f"shape {tuple(a.shape)} != {tuple(b.shape)}")
+            return
+        diff, ref = (a - b).norm().item(), b.norm().item()
+        self.add(category, label, diff <= rtol * ref + TINY, f"||a-b|| = {diff:.3g}, ||b|| = {ref:.3g}")
+
+    def equal(self, category: str, label: str, a, b) -> None:
+        self.add(category, label, a == b, f"{a!r} != {b!r}")
+
+    def raises(self, category: str, label: str, exc_type, fn, *needles: str) -> None:
+        try:
+            fn()
+        except exc_type as err:
+            msg = str(err)
+            missing = [n for n in needles if n not in msg]
+            self.add(category, label, not missing, f"message {msg!r} does not name {missing}")
+        except Exception as err:  # noqa: BLE001 - recorded, the parent fails the test
+            self.add(category, label, False, f"raised {type(err).__name__}: {err}")
+        else:
+            self.add(category, label, False, f"no {exc_type.__name__} raised")
+
+    def result(self) -> dict[str, list[tuple[str, bool, str]]]:
+        return dict(self.records)
+
+
+# ---------------------------------------------------------------- independent plan checks
+def check_ownership(ck: Checks, label: str, shard, lift, group) -> None:
+    """Same owners on every rank; each non-input vertex owned by exactly one rank."""
+    owners = {v: o.copy() for v, o in shard.owners.items()}
+    parts: list = [None] * shard.world_size
+    dist.all_gather_object(parts, owners, group=group)
+    for v in owners:
+        ck.add("plan", f"{label} owners[{v}] identical on all ranks",
+               all(np.array_equal(p[v], owners[v]) for p in parts))
+        o = owners[v]
+        ck.add("plan", f"{label} owners[{v}] valid", o.shape == (lift.n(v),) and o.min() >= 0
+               and o.max() < shard.world_size, f"shape {o.shape}, range [{o.min()}, {o.max()}]")
+        ck.add("plan", f"{label} own({v}) = owners == rank",
+               np.array_equal(shard.own(v), np.flatnonzero(o == shard.rank)))
+
+
+def check_plans(ck: Checks, label: str, net, shard, lift, base, group) -> None:
+    """Gather every rank's edge list; rebuild the halos and compare them with the plans."""
+    P, r = shard.world_size, shard.rank
+    mine = {e.key: tuple(t.numpy().copy() for t in net.edge_index(e)) for e in base.edges}
+    parts: list = [None] * P
+    dist.all_gather_object(parts, mine, group=group)
+    for e in base.edges:
+        # the union of the shards' edges is the lift's (global, world-size-1) edge list
+        src = np.concatenate([p[e.key][0] for p in parts])
+        dst = np.concatenate([p[e.key][1] for p in parts])
+        order = np.lexsort((src, dst))
+        g_src, g_dst = lift.edges(e)
+        ck.add("plan", f"{label} {e}: union of shard edges = lift edges",
+               np.array_equal(src[order], g_src) and np.array_equal(dst[order], g_dst))
+        # owner computes: every rank holds exactly the edges ending at its vertices
+        owner_v = shard.owners[e.dst]
+        ck.add("plan", f"{label} {e}: edges end at own vertices",
+               all((owner_v[p[e.key][1]] == q).all() for q, p in enumerate(parts)))
+        if base.vertices[e.src].role == "input":
+            ck.add("plan", f"{label} {e}: input edge has no plan", e.key not in shard.plans)
+            continue
+        plan = shard.plans.get(e.key)
+        if plan is None:
+            ck.add("plan", f"{label} {e}: plan exists", False, "no plan")
+            continue
+        owner_u = shard.owners[e.src]
+        halos = []  # distinct remote sources of rank q's edges
+        for q, p in enumerate(parts):
+            s = p[e.key][0]
+            halos.append(np.unique(s[owner_u[s] != q]))
+        recv = halos[r].size
+        send = sum(int((owner_u[h] == r).sum()) for h in halos)
+        ck.equal("plan", f"{label} {e}: halo rows received (lower bound)", int(sum(plan.recv_splits)), recv)
+        ck.equal("plan", f"{label} {e}: alltoall rows sent = lower bound", plan.rows_sent("alltoall"), send)
+        ck.equal("plan", f"{label} {e}: halo rows by peer", list(plan.recv_splits),
+                 [int((owner_u[halos[r]] == q).sum()) for q in range(P)])
+        max_own = int(np.bincount(owner_u, minlength=P).max())
+        ck.equal("plan", f"{label} {e}: allgather rows sent", plan.rows_sent("allgather"), max_own * (P - 1))
+        ck.equal("plan", f"{label} {e}: row bytes", plan.row_bytes, base.dim(e.src) * 4)
+        ck.equal("plan", f"{label} {e}: bytes per sample", plan.bytes_per_sample(),
+                 plan.rows_sent() * base.dim(e.src) * 4)
+        modes: list = [None] * P
+        dist.all_gather_object(modes, plan.mode, group=group)
+        ck.add("plan", f"{label} {e}: same mode on all ranks", len(set(modes)) == 1, str(modes))
+        if shard.exchange != "auto":
+            ck.equal("plan", f"{label} {e}: requested mode", plan.mode, shard.exchange)
+        else:  # auto: all-gather iff the halo rows reach the threshold of the all-gather volume
+            total = sum(h.size for h in halos)
+            want = "allgather" if total >= shard.allgather_threshold * P * (P - 1) * max_own else "alltoall"
+            ck.equal("plan", f"{label} {e}: auto mode", plan.mode, want)
+
+
+def expected_bytes(shard, base, B: int) -> int:
+    return sum(p.rows_sent() * base.dim(u) * 4 * B for (u, _), p in shard.plans.items())
+
+
+# ---------------------------------------------------------------- the checks of one world
+def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIES) -> None:
+    """Sharded vs world-size-1: init, forward, input grads, parameter grads, bytes, plans."""
+    base, lift, kw = make_case(case)
+    group = layout.lift_group
+    x, t = batch(base, BATCH, seed=100 + CASES.index(case))
+    ref = LiftedNetwork(base, lift, **kw)
+    ref_init = {k: p.detach().clone() for k, p in ref.named_parameters()}
+    xr = x.clone().requires_grad_()
+    out_ref = ref(xr)
+    loss_fn(out_ref, t).backward()
+    ref_grads = {k: p.grad.clone() for k, p in ref.named_parameters()}
+    ck.add("param_grad", f"{case}: reference gradients are not trivial",
+           all(g.norm() > 0 for k, g in ref_grads.items() if k.startswith("edges")))
+    for strategy in strategies:
+        for mode in modes:
+            label = f"{case}/{strategy}/{mode}"
+            shard = Shard.create(lift, layout, strategy, mode)
+            net = LiftedNetwork(base, lift, shard=shard, **kw)
+            ck.add("init", f"{label}: parameters flagged model_parallel",
+                   all(getattr(p, "model_parallel", False) for p in net.parameters()))
+            init = gather_network(net)
+            ck.equal("init", f"{label}: parameter names", sorted(init), sorted(ref_init))
+            for k in ref_init:
+                ck.add("init", f"{label}: initial {k} equal exactly",
+                       k in init and init[k].shape == ref_init[k].shape and torch.equal(init[k], ref_init[k]))
+            check_ownership(ck, label, shard, lift, group)
+            check_plans(ck, label, net, shard, lift, base, group)
+
+            shard.stats.reset()
+            xs = x.clone().requires_grad_()
+            out = net(xs)
+            fwd = shard.stats.bytes_forward
+            loss_fn(out, t).backward()
+            ck.close("forward", f"{label}: output", out, out_ref)
+            ck.close("input_grad", f"{label}: x.grad", xs.grad, xr.grad)
+            grads = gather_network(net, grads=True)
+            for k in ref_grads:
+                ck.close("param_grad", f"{label}: grad {k}", grads[k], ref_grads[k])
+            want = expected_bytes(shard, base, BATCH)
+            ck.equal("bytes", f"{label}: forward bytes = plan", fwd, want)
+            ck.equal("bytes", f"{label}: backward bytes = plan", shard.stats.bytes_backward, want)
+            ck.equal("bytes", f"{label}: forward bytes unchanged by backward", shard.stats.bytes_forward, want)
+
+
+def sgd_curve(net, case: str, seed: int, data_rank: int = 0, data_parallel: int = 1,
+              data_group=None) -> list[float]:
+    """Loss curve of plain SGD over two alternating global batches of `BATCH * data_parallel`
+    samples; replica `data_rank` takes its slice of each, gradients are averaged over replicas."""
+    opt = torch.optim.SGD(net.parameters(), lr=SGD_LR[case])
+    curve = []
+    for step in range(SGD_STEPS):
+        x, t = batch(net.base, BATCH * data_parallel, seed=seed * 1000 + step % 2)
+        sl = slice(data_rank * BATCH, (data_rank + 1) * BATCH)
+        opt.zero_grad()
+        loss = loss_fn(net(x[sl]), t[sl])
+        loss.backward()
+        loss = loss.detach().clone()
+        if data_parallel > 1:
+            for p in net.parameters():
+                dist.all_reduce(p.grad, group=data_group)
+                p.grad /= data_parallel
+            dist.all_reduce(loss, group=data_group)
+            loss /= data_parallel
+        opt.step()
+        curve.append(loss.item())
+    return curve
+
+
+def training(ck: Checks, layout, case: str, modes=("alltoall", "allgather")) -> None:
+    """SGD_STEPS steps of SGD: same loss curve (and final weights) as world size 1."""
+    base, lift, kw = make_case(case)
+    ref = LiftedNetwork(base, lift, **kw)
+    ref_curve = sgd_curve(ref, case, seed=1)
+    ref_final = {k: p.detach().clone() for k, p in ref.named_parameters()}
+    ck.add("sgd", f"{case}: reference loss finite and decreasing",
+           np.isfinite(ref_curve).all() and ref_curve[-1] < 0.5 * ref_curve[0], str(ref_curve))
+    for strategy in STRATEGIES:
+        for mode in modes:
+            label = f"{case}/{strategy}/{mode}"
+            net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout, strategy, mode), **kw)
+            curve = sgd_curve(net, case, seed=1)
+            ck.close("sgd", f"{label}: loss curve", torch.tensor(curve), torch.tensor(ref_curve))
+            final = gather_network(net)
+            for k in ref_final:
+                ck.close("sgd", f"{label}: final {k}", final[k], ref_final[k])
+
+
+def data_parallel(ck: Checks, case: str = "skip") -> None:
+    """world 4 = lift_parallel 2 x data_parallel 2, a different batch on each replica."""
+    layout = Layout.from_initialized(2)
+    L, D, rank = 2, 2, layout.rank
+    ck.equal("dp", "degrees", (layout.lift_parallel, layout.data_parallel), (L, D))
+    ck.equal("dp", "lift rank / data rank", (layout.lift_rank, layout.data_rank), (rank % L, rank // L))
+    ck.equal("dp", "lift group ranks", dist.get_process_group_ranks(layout.lift_group),
+             [layout.data_rank * L + i for i in range(L)])
+    ck.equal("dp", "data group ranks", dist.get_process_group_ranks(layout.data_group),
+             [layout.lift_rank + L * j for j in range(D)])
+    base, lift, kw = make_case(case)
+    x, t = batch(base, BATCH * D, seed=123)
+    ref = LiftedNetwork(base, lift, **kw)
+    out_ref = ref(x)
+    loss_fn(out_ref, t).backward()  # the mean over the concatenated batch
+    ref_grads = {k: p.grad.clone() for k, p in ref.named_parameters()}
+    sl = slice(layout.data_rank * BATCH, (layout.data_rank + 1) * BATCH)
+    for strategy in STRATEGIES:
+        for mode in ("alltoall", "allgather"):
+            label = f"{case}/{strategy}/{mode}"
+            shard = Shard.create(lift, layout, strategy, mode)
+            ck.equal("dp", f"{label}: shard coordinates", (shard.rank, shard.world_size), (layout.lift_rank, L))
+            net = LiftedNetwork(base, lift, shard=shard, **kw)
+            # replicas hold identical shards: compare this rank's rows with its data-parallel peers
+            mine = [p.detach().clone() for p in net.parameters()]
+            peers: list = [None] * D
+            dist.all_gather_object(peers, mine, group=layout.data_group)
+            ck.add("dp", f"{label}: replicas hold identical shards",
+                   all(all(torch.equal(a, b) for a, b in zip(mine, p)) for p in peers))
+            out = net(x[sl])
+            ck.close("dp", f"{label}: output of this replica's batch", out, out_ref[sl])
+            loss_fn(out, t[sl]).backward()
+            for p in net.parameters():
+                dist.all_reduce(p.grad, group=layout.data_group)
+                p.grad /= D
+            grads = gather_network(net, grads=True)
+            for k in ref_grads:
+                ck.close("dp", f"{label}: averaged grad {k}", grads[k], ref_grads[k])
+    # training: SGD with averaged gradients = SGD on the concatenated batch
+    ref = LiftedNetwork(base, lift, **kw)
+    ref_curve = _sgd_concat(ref, case, D, seed=2)
+    for strategy in ("block", "graph"):
+        net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout, strategy, "alltoall"), **kw)
+        curve = sgd_curve(net, case, seed=2, data_rank=layout.data_rank, data_parallel=D,
+                          data_group=layout.data_group)
+        ck.close("dp", f"{case}/{strategy}: data-parallel loss curve", torch.tensor(curve), torch.tensor(ref_curve))
+
+
+def _sgd_concat(ref, case: str, D: int, seed: int) -> list[float]:
+    """World-size-1 SGD on the concatenated global batches of D replicas."""
+    opt = torch.optim.SGD(ref.parameters(), lr=SGD_LR[case])
+    curve = []
+    for step in range(SGD_STEPS):
+        x, t = batch(ref.base, BATCH * D, seed=seed * 1000 + step % 2)
+        opt.zero_grad()
+        loss = loss_fn(ref(x), t)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return curve
+
+
+def bad_layouts(ck: Checks, world_size: int, bad: list[int]) -> None:
+    """Layouts that do not fit the world, and unknown strategy / exchange names, fail clearly."""
+    for L in bad:
+        ck.raises("layout", f"from_initialized({L}) in a world of {world_size}", LayoutError,
+                  lambda: Layout.from_initialized(L), str(L), str(world_size))
+        ck.raises("layout", f"create({L}) in a world of {world_size}", LayoutError,
+                  lambda: Layout.create(lift_parallel=L), str(L), str(world_size))
+    ck.raises("layout", "lift_parallel=0", LayoutError, lambda: Layout.from_initialized(0), "0")
+    layout = Layout.from_initialized(world_size)
+    base, lift, _ = make_case("skip")
+    ck.raises("layout", "unknown strategy", PartitionError,
+              lambda: Shard.create(lift, layout, "metis"), "metis", "block", "graph", "random")
+    ck.raises("layout", "unknown exchange mode", PartitionError,
+              lambda: Shard.create(lift, layout, "block", "ring"), "ring", "alltoall", "allgather")
+    # the world still works after the refused requests
+    net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout), readout_init="normal")
+    x, _ = batch(base, 3, seed=0)
+    ck.close("layout", "network after refused layouts", net(x), LiftedNetwork(base, lift, readout_init="normal")(x))
+
+
+# ---------------------------------------------------------------- entry points (run_world targets)
+def world_main(rank: int, world_size: int, sgd_case: str, bad: list[int]):
+    """Everything one world checks at lift_parallel = world_size (data_parallel 1)."""
+    ck = Checks(rank)
+    layout = Layout.from_initialized(world_size)
+    ck.equal("layout", "coordinates (lift rank, data rank, data_parallel)",
+             (layout.lift_rank, layout.data_rank, layout.data_parallel), (rank, 0, 1))
+    for case in CASES:
+        equivalence(ck, layout, case)
+    training(ck, layout, sgd_case)
+    if bad:
+        bad_layouts(ck, world_size, bad)
+    return ck.result()
+
+
+def data_parallel_main(rank: int, world_size: int):
+    """world 4 = lift_parallel 2 x data_parallel 2."""
+    ck = Checks(rank)
+    data_parallel(ck)
+    return ck.result()
