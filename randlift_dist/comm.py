@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .ops import CSR
 
 MODES = ("auto", "alltoall", "allgather")
+ALLGATHER_THRESHOLD = 0.8  # auto: all-gather once the halo reaches 80% of the all-gather volume
 # torch >= 2.13 renamed the flat-tensor collectives; older releases have only the old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -63,6 +64,28 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Forward: identity (the input is replicated on every rank); backward: sum over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Use a replicated input in a sharded computation: its gradient is summed over the shards."""
+    if group is None or dist.get_world_size(group) == 1 or not x.requires_grad:
+        return x
+    return _CopyToGroup.apply(x, group)
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -107,9 +130,19 @@ def choose_mode(total_alltoall_rows: int, total_allgather_rows: int, requested: 
 
 
 def _edge_group(shard) -> Any:
-    """A process group of the lift-parallel ranks, private to one base edge (created collectively)."""
-    ranks = dist.get_process_group_ranks(shard.group)
-    return dist.new_group(ranks=ranks, backend=dist.get_backend(shard.group))
+    """A process group of this lift-parallel group's ranks, private to one base edge.
+
+    `new_group` is collective over the whole world: every rank creates the groups of every
+    lift-parallel group (`shard.group_ranks`), in the same order, and keeps its own.
+    """
+    backend = dist.get_backend(shard.group)
+    me = dist.get_rank()
+    mine = None
+    for ranks in shard.group_ranks or [dist.get_process_group_ranks(shard.group)]:
+        g = dist.new_group(ranks=list(ranks), backend=backend)
+        if me in ranks:
+            mine = g
+    return mine
 
 
 def build_plan(shard, e, halo_global: np.ndarray, halo_owner: np.ndarray, row_bytes: int) -> EdgePlan:

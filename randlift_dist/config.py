@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .comm import ALLGATHER_THRESHOLD
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
@@ -82,6 +84,7 @@ class TrainConfig:
     eval_every: int = doc("steps between test evaluations (0: only at the end)", 50)
     resume: str = doc("'auto' (latest checkpoint in run.dir), 'none', or a checkpoint directory", "auto")
     dtype: Literal["float32", "float64"] = doc("parameter dtype of the torch engine", "float32")
+    stop_at: int | None = doc("end this invocation after this step, with a checkpoint (resume later)", None)
 
 
 @dataclass
@@ -93,7 +96,8 @@ class ParallelConfig:
     offload_optimizer: bool = doc("DeepSpeed optimizer state offload to CPU (ZeRO >= 1)", False)
     partition: Literal["block", "graph", "random"] = doc("ownership of lifted vertices", "block")
     exchange: Literal["auto", "alltoall", "allgather"] = doc("exchange mode per base edge", "auto")
-    allgather_threshold: float = doc("auto mode: all-gather when halo rows >= this fraction of its volume", 0.8)
+    allgather_threshold: float = doc("auto mode: all-gather when halo rows >= this fraction of its volume",
+                                      ALLGATHER_THRESHOLD)
     backend: Literal["auto", "gloo", "nccl"] = doc("torch.distributed backend (auto: nccl with GPUs)", "auto")
 
 
@@ -276,9 +280,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 node[part] = value
                 break
             hint = typing.get_type_hints(cls)[part] if fields is not None else None
-            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
             if not isinstance(node.get(part), dict):
-                node[part] = {}
+                # a mapping-valued field (model.base) starts from its default, so one key can change
+                fdef = {f.name: f for f in dataclasses.fields(cls)}[part] if fields is not None else None
+                start = fdef.default_factory() if fdef is not None and hint is dict else {}
+                node[part] = start if isinstance(start, dict) else {}
+            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
             node = node[part]
     return data
 

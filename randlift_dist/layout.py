@@ -119,15 +119,23 @@ class Layout:
         layout._make_groups()
         return layout
 
+    def lift_group_ranks(self) -> list[list[int]]:
+        """Global ranks of every lift-parallel group (one per data-parallel replica)."""
+        L = self.lift_parallel
+        return [list(range(d * L, (d + 1) * L)) for d in range(self.data_parallel)]
+
+    def data_group_ranks(self) -> list[list[int]]:
+        """Global ranks of every data-parallel group (one per lift-parallel index)."""
+        return [list(range(l, self.world_size, self.lift_parallel)) for l in range(self.lift_parallel)]
+
     def _make_groups(self) -> None:
-        L, D = self.lift_parallel, self.data_parallel
-        # every rank must create every group, in the same order
-        for d in range(D):
-            g = dist.new_group(list(range(d * L, (d + 1) * L)))
+        # new_group is collective over the world: every rank creates every group, in the same order
+        for d, ranks in enumerate(self.lift_group_ranks()):
+            g = dist.new_group(ranks)
             if d == self.data_rank:
                 self.lift_group = g
-        for l in range(L):
-            g = dist.new_group(list(range(l, self.world_size, L)))
+        for l, ranks in enumerate(self.data_group_ranks()):
+            g = dist.new_group(ranks)
             if l == self.lift_rank:
                 self.data_group = g
 

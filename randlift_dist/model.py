@@ -93,6 +93,10 @@ class LiftedNetwork(nn.Module):
             raise ValueError("the lift was built from another base network: pass the same BaseGraph")
         if readout_scale not in READOUT_SCALES:
             raise ValueError(f"readout_scale {readout_scale!r}: choose one of {READOUT_SCALES}")
+        from .ops import IMPLS
+
+        if impl not in IMPLS:
+            raise ValueError(f"impl {impl!r}: choose one of {IMPLS}")
         if readout_init not in READOUT_INITS:
             raise ValueError(f"readout_init {readout_init!r}: choose one of {READOUT_INITS}")
         if weight_scale is not None and not (isinstance(weight_scale, (int, float)) and weight_scale > 0):
@@ -204,6 +208,10 @@ class LiftedNetwork(nn.Module):
             raise ValueError(f"input of shape {tuple(x.shape)}: expected [batch, {base.in_dim}] "
                              f"(inputs {base.inputs} concatenated in declaration order)")
         x = x.to(self._dtype())
+        if self.shard.world_size > 1:  # every rank uses all of x: its gradient sums the shards' parts
+            from .comm import copy_to_group
+
+            x = copy_to_group(x, self.shard.group)
         ys: dict[str, torch.Tensor] = {}
         off = 0
         for v in base.inputs:

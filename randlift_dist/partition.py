@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .comm import ALLGATHER_THRESHOLD
 from .lift import Lift
 
 STRATEGIES = ("block", "graph", "random")
@@ -177,7 +178,8 @@ class Shard:
     world_size: int = 1
     group: Any = None
     exchange: str = "auto"
-    allgather_threshold: float = 0.8
+    allgather_threshold: float = ALLGATHER_THRESHOLD
+    group_ranks: list[list[int]] | None = None  # the ranks of every lift-parallel group of the world
 
     def __post_init__(self):
         self._own: dict[str, np.ndarray] = {}
@@ -196,7 +198,7 @@ class Shard:
 
     @classmethod
     def create(cls, lift: Lift, layout, strategy: str = "block", exchange: str = "auto",
-               allgather_threshold: float = 0.8) -> "Shard":
+               allgather_threshold: float = ALLGATHER_THRESHOLD) -> "Shard":
         """This rank's shard for a `layout.Layout` (its lift-parallel group and rank)."""
         from .comm import MODES
 
@@ -211,7 +213,8 @@ class Shard:
             owners = box[0]
         else:
             owners = make_partition(lift, P, strategy)
-        return cls(lift, owners, layout.lift_rank, P, layout.lift_group, exchange, allgather_threshold)
+        return cls(lift, owners, layout.lift_rank, P, layout.lift_group, exchange, allgather_threshold,
+                   layout.lift_group_ranks())
 
     def is_input(self, v: str) -> bool:
         return self.lift.base.vertices[v].role == "input"

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .comm import MODES, EdgePlan, choose_mode, split_edges
+from .comm import ALLGATHER_THRESHOLD, MODES, EdgePlan, choose_mode, split_edges
 from .graph import BaseGraph, Edge, GraphError
 from .lift import Lift, LiftError, fully_connected_lift, random_sparse_lift
 from .partition import STRATEGIES, PartitionError, make_partition
@@ -161,7 +161,7 @@ def _edge_stats(lift: Lift, e: Edge, owners: dict[str, np.ndarray], P: int, exch
 
 
 def plan_statistics(lift: Lift, world_size: int, strategy: str = "block", exchange: str = "auto",
-                    allgather_threshold: float = 0.5, element_size: int = 4,
+                    allgather_threshold: float = ALLGATHER_THRESHOLD, element_size: int = 4,
                     max_cached_edges: int = MAX_CACHED_EDGES) -> dict[str, Any]:
     """What every rank of a lift-parallel group of `world_size` would hold and send (see module doc).
 
@@ -260,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--world-size", type=int, required=True, help="ranks in the lift-parallel group (P)")
     ap.add_argument("--strategy", default="block", choices=STRATEGIES, help="partition strategy (default block)")
     ap.add_argument("--exchange", default="auto", choices=MODES, help="exchange mode (default auto)")
-    ap.add_argument("--allgather-threshold", type=float, default=0.5,
-                    help="auto picks all-gather when halo rows >= this x all-gather rows (default 0.5)")
+    ap.add_argument("--allgather-threshold", type=float, default=ALLGATHER_THRESHOLD,
+                    help=f"auto picks all-gather when halo rows >= this x all-gather rows (default {ALLGATHER_THRESHOLD})")
     ap.add_argument("--element-size", type=int, default=4, help="bytes per value (4: float32, 2: bf16)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
     args = ap.parse_args(argv)

@@ -176,6 +176,8 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
     last: dict[str, Any] = {}
     step = start_step
     stopped_by = 0
+    if start_step == 0:  # the starting point of the curve
+        sink.log({"step": 0, "test_loss": evaluate(engine, ds, layout)})
     while step < cfg.train.steps:
         x, y = batches(step)
         shard.stats.reset()
@@ -191,6 +193,8 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopped_by = int(flag)
+        if cfg.train.stop_at is not None and step >= cfg.train.stop_at and step < cfg.train.steps:
+            stopped_by = stopped_by or -1  # -1: stop_at
         log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped_by
         eval_now = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
         if log_now or eval_now:
@@ -215,7 +219,8 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
             path = ckpt.save(ckpt_root, step, cfg, lift, engine, layout, cfg.checkpoint.keep)
             sink.print(f"checkpoint {path} (step {step})")
         if stopped_by:
-            sink.print(f"stopping at step {step} on signal {stopped_by}: checkpoint written; "
+            why = "train.stop_at" if stopped_by == -1 else f"signal {stopped_by}"
+            sink.print(f"stopping at step {step} ({why}): checkpoint written; "
                        "rerun with train.resume=auto to continue")
             break
     sink.close()

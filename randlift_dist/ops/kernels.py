@@ -13,10 +13,11 @@ import torch
 from .csr import CSR, DegreeGroups
 
 IMPLS = ("auto", "reference", "csr", "blocked")
-# Elements of one gathered chunk ([rows, k * d, B]) in the blocked kernel. 2**20 fp32 elements is
-# 4 MiB: the chunk is consumed by the matmul while it is still in L2/L3, and the workspace stays
-# below glibc's mmap threshold (fresh mmap'd pages cost ~0.3 ms per MiB on the benchmark VM).
-_CHUNK_ELEMS = 1 << 20
+# Elements of one gathered chunk ([rows, k * d, B], and of its weight blocks) in the blocked
+# kernel. 2**21 fp32 elements is 8 MiB: the chunk is consumed by the matmul while it is still in
+# cache, and there are few enough chunks that per-op overhead stays small (measured: 2**19 to
+# 2**22 are within noise at d = 16, B = 256; 2**17 is 1.5x slower). The workspaces are reused.
+_CHUNK_ELEMS = 1 << 21
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -63,6 +64,17 @@ def _csr_tensor(indptr, col, values, shape):
         return torch.sparse_csr_tensor(indptr, col, values, size=shape, check_invariants=False)
 
 
+def _spmm(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`A @ x` for a CSR matrix A. On CPU, into an uninitialised output with `addmm(beta=0)`
+    (documented to ignore the input; MKL writes every row, empty ones as 0): `torch.sparse.mm`
+    zero-fills a fresh output and allocates once more, which cost ~20 ms of ~50 ms at
+    32768 x 256 on the benchmark VM (page faults of fresh 32 MiB buffers dominate there)."""
+    if x.device.type != "cpu":
+        return torch.sparse.mm(A, x)
+    out = x.new_empty(A.shape[0], x.shape[1])
+    return torch.addmm(out, A, x, beta=0.0, out=out)
+
+
 class _ScalarCSR(torch.autograd.Function):
     """d_u = d_v = 1: z = A @ Y with A the [n_v, n_u] CSR matrix of the edge weights.
 
@@ -76,7 +88,7 @@ class _ScalarCSR(torch.autograd.Function):
         B = y.shape[2]
         indptr, col = csr.indices32()
         A = _csr_tensor(indptr, col, w.reshape(-1), (csr.n_rows, csr.n_cols))
-        z = torch.sparse.mm(A, y.reshape(csr.n_cols, B))  # [n_v, B]
+        z = _spmm(A, y.reshape(csr.n_cols, B))  # [n_v, B]
         ctx.csr = csr
         ctx.save_for_backward(y, w)
         return z.view(csr.n_rows, 1, B)
@@ -93,10 +105,11 @@ class _ScalarCSR(torch.autograd.Function):
             perm = csr.transposed()[2]
             t_indptr, t_col = csr.indices32(transposed=True)
             At = _csr_tensor(t_indptr, t_col, w.reshape(-1)[perm], (csr.n_cols, csr.n_rows))
-            gy = torch.sparse.mm(At, gz2).view(csr.n_cols, 1, B)
+            gy = _spmm(At, gz2).view(csr.n_cols, 1, B)
         if ctx.needs_input_grad[1]:
             indptr, col = csr.indices32()
-            pattern = _csr_tensor(indptr, col, w.new_empty(csr.nnz), (csr.n_rows, csr.n_cols))
+            # zeros, not empty: sampled_addmm propagates NaN from the pattern's values even at beta=0
+            pattern = _csr_tensor(indptr, col, w.new_zeros(csr.nnz), (csr.n_rows, csr.n_cols))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sampled = torch.sparse.sampled_addmm(pattern, gz2, y.reshape(csr.n_cols, B).t(), beta=0.0)
@@ -173,12 +186,18 @@ def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor
             e0 = 0
             e = _edges(csr.indptr, rows, k)
             src = csr.col.index_select(0, e)
-        yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0)).view(c, k * d_u, B)
-        wg = _gather_w_vk(w, e, e0, c, k)
-        if r0 is not None:
-            torch.bmm(wg, yg, out=z[r0:r0 + c])
+        yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0))
+        out = z[r0:r0 + c] if r0 is not None else _ws_view((c, d_v, B), y, 2)
+        if k > 1 and d_v > 1 and 2 * B < d_u:
+            # small batch: the weights dominate; multiply edge by edge and sum the k messages
+            # (a [c*k, d_v, B] chunk, smaller than the weights) instead of rearranging the weights
+            wc = w[e0:e0 + c * k] if e is None else torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1))
+            msg = torch.bmm(wc, yg, out=_ws_view((c * k, d_v, B), y, 3))
+            torch.sum(msg.view(c, k, d_v, B), 1, out=out)
         else:
-            z.index_copy_(0, rows, torch.bmm(wg, yg, out=_ws_view((c, d_v, B), y, 2)))
+            torch.bmm(_gather_w_vk(w, e, e0, c, k), yg.view(c, k * d_u, B), out=out)
+        if r0 is None:
+            z.index_copy_(0, rows, out)
     return z
 
 

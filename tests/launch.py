@@ -1,0 +1,49 @@
+"""Running the real entry point as a user would: a plain process or torchrun, reading metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore",
+               WANDB_MODE="offline", WANDB_SILENT="true")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def launch(run_dir: Path, nproc: int, *overrides: str, config: str | None = None, timeout: float = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m randlift_dist.train` (nproc 1) or `torchrun --nproc_per_node nproc` on this CPU."""
+    args = ([] if config is None else ["--config", config]) + [f"run.dir={run_dir}", "run.progress=false", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "randlift_dist.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "randlift_dist.train", *args]
+    proc = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def assert_curves_match(got: dict[int, float], ref: dict[int, float], rtol: float, steps=None) -> None:
+    steps = sorted(ref) if steps is None else steps
+    assert set(steps) <= set(got), f"missing steps {sorted(set(steps) - set(got))}"
+    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
+    assert worst <= rtol, f"loss curves differ by {worst:.3g} relative (> {rtol}): " + \
+        ", ".join(f"{s}: {got[s]:.7g} vs {ref[s]:.7g}" for s in steps[:5])
