@@ -271,6 +271,8 @@ class DeepSpeedEngine(Engine):
                     st.setdefault("exp_avg", torch.zeros_like(flat))
                     st.setdefault("exp_avg_sq", torch.zeros_like(flat))
                     st["step"] = torch.tensor(float(step))
+        # link each parameter's fragment to the new state (DeepSpeed does this after its first step)
+        self.engine.optimizer._lazy_init_hp_params_optimizer_state()
 
     def save_native(self, path: str) -> None:
         self.engine.save_checkpoint(path, tag="ds", client_state={"step": self.step_count})

@@ -121,14 +121,14 @@ def test_gradcheck_float64(name, impl, chunks):
     assert torch.autograd.gradcheck(lambda y, w: aggregate(y, w, csr, impl), (y, w), fast_mode=d_v * d_u > 8)
 
 
-@pytest.mark.parametrize("d,B", [(1, 16), (16, 8), (4, 1)])
+@pytest.mark.parametrize("d,B", [(1, 16), (16, 4), (4, 1)])
 def test_large_fan_in_and_many_chunks(d, B, monkeypatch):
     """A bigger random lift with binomial degrees (many degree groups, scattered rows) and a
     fixed-degree one (contiguous groups), split into many chunks."""
-    monkeypatch.setattr(K, "_CHUNK_ELEMS", 4096)
-    for deg in (np.random.default_rng(3).binomial(200, 0.1, 150), np.full(150, 12)):
-        y, w, csr = make_case(150, 200, d, d, B, deg, seed=4)
-        gz = torch.randn(150, d, B)
+    monkeypatch.setattr(K, "_CHUNK_ELEMS", 16384)
+    for deg in (np.random.default_rng(3).binomial(150, 0.1, 100), np.full(100, 12)):
+        y, w, csr = make_case(100, 150, d, d, B, deg, seed=4)
+        gz = torch.randn(100, d, B)
         ref = _grads("reference", y.double(), w.double(), csr, gz.double())
         for impl in fast_impls(d, d):
             for a, b in zip(_grads(impl, y, w, csr, gz), ref):

@@ -98,7 +98,8 @@ def test_resume_refuses_a_different_lift(tmp_path):
 def test_malformed_config_fails_before_any_process_group(tmp_path):
     proc = launch(tmp_path, 2, "train.stepz=3", check=False, timeout=120)
     assert proc.returncode != 0
-    assert "train.stepz" in proc.stderr and "Traceback" not in proc.stderr.split("ChildFailedError")[0]
+    # the workers print one line and exit 2; torchrun's own report of the failed child follows
+    assert "train.stepz" in proc.stderr and "randlift_dist/" not in proc.stderr
     assert "init_process_group" not in proc.stderr
     proc = launch(tmp_path, 2, "parallel.lift_parallel=3", check=False, timeout=120)
     assert "parallel.lift_parallel=3" in proc.stderr and "divisor" in proc.stderr
