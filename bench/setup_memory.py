@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     print("one gloo world of P ranks per row (world size = P); per rank: peak-RSS increase over "
           "Shard.create + LiftedNetwork(...); max over ranks")
     hdr = (f"{'P':>2} {'edges/rank':>11} {'peak MB':>8} {'B/edge':>7} {'ratio':>6} {'1/P':>5} "
-           f"{'hwm MB':>7} {'held MB':>8} {'part MB':>8} {'O(n) MB':>8} {'tm peak':>8} {'secs':>5}  mode")
+           f"{'arr B/e':>7} {'hwm MB':>7} {'held MB':>8} {'part MB':>8} {'O(n) MB':>8} {'tm peak':>8} {'secs':>5}  mode")
     print(hdr, flush=True)
     rows, ref = [], None
     for P in worlds:
@@ -233,6 +233,7 @@ def main(argv=None) -> int:
         held = max(r["total"]["held"] for r in res)
         part = max(max(r["partition"]["maxrss_delta"], r["partition"]["hwm_delta"] or 0) for r in res)
         fib = max(r["held_per_fibre_arrays"] for r in res)
+        arr = max(r["held_per_edge_arrays"] / max(r["edges"], 1) for r in res)
         tm = max(max(r["partition"].get("tm_peak", 0), r["partition"].get("tm_held", 0) + r["model"].get("tm_peak", 0))
                  for r in res) if trace else None
         secs = max(r["total"]["secs"] for r in res)
@@ -240,15 +241,25 @@ def main(argv=None) -> int:
         ratio = f"{peak / ref:.3f}" if ref else "-"
         mode = "+".join(sorted({m for r in res for m in r["modes"]})) or "-"
         print(f"{P:>2} {edges:>11} {peak / MiB:>8.1f} {peak / max(edges, 1):>7.1f} {ratio:>6} {1 / P:>5.3f} "
-              f"{(hwm or 0) / MiB:>7.1f} {held / MiB:>8.1f} {part / MiB:>8.1f} {fib / MiB:>8.1f} "
+              f"{arr:>7.1f} {(hwm or 0) / MiB:>7.1f} {held / MiB:>8.1f} {part / MiB:>8.1f} {fib / MiB:>8.1f} "
               f"{(tm or 0) / MiB:>8.1f} {secs:>5.1f}  {mode}   (world {wall:.0f} s)", flush=True)
-        rows.append((P, res))
+        rows.append((P, edges, peak))
     print("peak MB: increase of ru_maxrss over the setup (the measure); B/edge: peak / edges held; "
-          "ratio: peak / peak at P = 1; hwm MB: VmHWM (reset just before) minus VmRSS before, a "
+          "ratio: peak / peak at P = 1; arr B/e: bytes of the per-edge arrays the built shard holds "
+          "(weights, src/dst, CSR, plans, own rows) per held edge; hwm MB: VmHWM (reset just before) minus VmRSS before, a "
           "cross-check; held MB: RSS still held after setup; part MB: peak of Shard.create alone "
           "(partition); O(n) MB: held arrays sized by whole fibres (owners, local_pos, "
           "pos_in_owner); tm peak: tracemalloc's peak (numpy + Python, not torch-allocated) over "
           "the setup; secs: setup time (slowest rank); mode: exchange modes chosen")
+    sharded = [(e, pk) for P, e, pk in rows if P > 1]
+    if len(sharded) >= 2:  # peak = a * edges + b over the sharded rows (P = 1 runs another code path)
+        (e1, p1), (e2, p2) = sharded[0], sharded[-1]
+        a = (p1 - p2) / (e1 - e2) if e1 != e2 else float("nan")
+        line = (f"sharded rows (P > 1) fit: peak = {a:.1f} B x edges/rank + {(p1 - a * e1) / MiB:.0f} MB "
+                "(the per-rank part that does not shrink with P)")
+        if rows[0][0] == 1:
+            line += f"; P = 1 row: {rows[0][2] / max(rows[0][1], 1):.1f} B x edges"
+        print(line)
     return 0
 
 

@@ -19,6 +19,7 @@ Bytes are counted on every call in `CommStats` (forward and backward separately)
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -203,7 +204,10 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad):
         p = ctx.pending
+        t0 = time.perf_counter()
         p.grad_work.wait()
+        if p.plan.stats is not None:
+            p.plan.stats.wait_s += time.perf_counter() - t0
         plan = p.plan
         if plan.mode == "alltoall":
             gy = p.grad_buf.new_zeros(p.shape)
@@ -217,7 +221,10 @@ class _Start(torch.autograd.Function):
 class _Finish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, pending: _Pending):
+        t0 = time.perf_counter()
         pending.work.wait()
+        if pending.plan.stats is not None:
+            pending.plan.stats.wait_s += time.perf_counter() - t0
         pending.work = pending.send = None
         ctx.pending = pending
         recv, pending.recv = pending.recv, None

@@ -1,5 +1,6 @@
 # Shared by train.sbatch and sweep.sbatch (sourced, never run): environment, log header, and the
-# training step with preemption handling. Needs REPO (the repository root) and a SLURM job.
+# training step with preemption handling. Needs REPO (the repository root: site.env, the commit)
+# and a SLURM job. The working directory stays the job's (the submission directory by default).
 #
 # Preemption / time limit: `#SBATCH --signal=B:USR1@T` makes SLURM send USR1 to the batch shell
 # T seconds before the end. rl_run_step traps it, sends SIGTERM to the tasks of the training step
@@ -16,7 +17,6 @@ else
 fi
 
 rl_setup() {
-  cd "$REPO"
   # Site network settings (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_HCA, proxies, modules):
   # a file per cluster, never edited into the scripts. See slurm/site.env.example.
   local site="${SITE_ENV:-$REPO/slurm/site.env}"
@@ -66,19 +66,22 @@ rl_header() {
 }
 
 _rl_stop_requested=0
+_rl_interrupted=0
 _rl_step_pid=""
 
 _rl_on_usr1() {
+  _rl_interrupted=1
   _rl_stop_requested=1
   echo "[$(date +%T)] USR1 (preemption or time limit): SIGTERM to the training step, which checkpoints and exits"
   local steps="" i
   for i in 1 2 3 4 5; do  # the step may still be registering
     steps=$(squeue -h --steps -j "$RL_JOB" -o %i 2>/dev/null | grep -E '\.[0-9]+$' || true)
-    [[ -n "$steps" || -z "$_rl_step_pid" ]] && break
+    [[ -n "$steps" ]] && break
     kill -0 "$_rl_step_pid" 2>/dev/null || break
     sleep 1
   done
   if [[ -n "$steps" ]]; then
+    # every task of the step (torchrun and its workers) gets SIGTERM; nothing is killed
     # shellcheck disable=SC2086
     scancel --signal=TERM $steps
   else
@@ -87,34 +90,42 @@ _rl_on_usr1() {
 }
 
 _rl_on_term() {
-  # scancel / preemption: SLURM signals the step itself; keep waiting so the log shows its end.
+  # scancel or preemption: SLURM signals the step itself; keep waiting so the log shows its end
+  _rl_interrupted=1
   echo "[$(date +%T)] SIGTERM to the batch script: the job is ending; the training step checkpoints if it has time"
 }
 
-# rl_run_step CMD...: run `srun CMD...` as the training step, handle USR1, requeue when asked.
-# Returns the step's exit status (when not requeued).
+# rl_run_step SRUN_ARGS... : run `srun SRUN_ARGS...` as the training step and wait for it; on USR1
+# ask it to checkpoint and stop, then requeue (unless REQUEUE=0). Returns the step's exit status.
 rl_run_step() {
+  echo "step:       srun $*"
+  echo "===="
   trap _rl_on_usr1 USR1
   trap _rl_on_term TERM
-  echo "step:       srun $*"
   srun "$@" &
   _rl_step_pid=$!
   local rc
   while true; do
-    wait "$_rl_step_pid"
-    rc=$?
-    # wait returns early (status > 128) when a trapped signal arrives; the step may still run
-    kill -0 "$_rl_step_pid" 2>/dev/null || break
+    _rl_interrupted=0
+    rc=0
+    wait "$_rl_step_pid" || rc=$?
+    # a trapped signal makes `wait` return early (status > 128) while the step still runs
+    [[ $_rl_interrupted == 1 ]] || break
   done
   trap - USR1 TERM
   echo "[$(date +%T)] training step exited with status $rc"
   if [[ $_rl_stop_requested == 1 ]]; then
-    if [[ "${REQUEUE:-1}" != 0 && $rc == 0 ]]; then
+    # torchrun exits non-zero after forwarding SIGTERM even when its workers checkpointed and exited 0
+    if [[ "${REQUEUE:-1}" != 0 ]]; then
       echo "[$(date +%T)] requeueing $RL_JOB; the next start resumes from the latest checkpoint"
-      scontrol requeue "$RL_JOB"  # ends this script
-      sleep 60
+      if scontrol requeue "$RL_JOB"; then
+        sleep 120  # SLURM ends this script now
+      fi
+      echo "scontrol requeue $RL_JOB failed: resubmit the same command to resume" >&2
+      return 1
     fi
-    echo "not requeued (REQUEUE=${REQUEUE:-1}, step status $rc)"
+    echo "stopped on request (REQUEUE=0): resubmit the same command to resume"
+    return 0
   fi
   return "$rc"
 }
