@@ -19,6 +19,7 @@ Bytes are counted on every call in `CommStats` (forward and backward separately)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -105,13 +106,14 @@ class EdgePlan:
     send_idx: torch.Tensor  # rows of own(u) to send, grouped by peer   [S]
     send_splits: list[int]
     recv_splits: list[int]  # halo rows from each peer                    [R = sum]
-    halo_global: np.ndarray  # global index of each halo row (recv order)
+    halo_global: np.ndarray | None  # global index of each halo row, recv order (alltoall only)
     n_own: int  # rows of own(u)
     max_own: int  # largest own(u) over the group (allgather padding)
     row_bytes: int  # bytes of one row for one sample (d_u * element size)
     world_size: int
     group: Any = None
     stats: CommStats | None = None
+    n_halo: int = 0  # distinct remote rows this rank needs (the lower bound's share)
 
     def rows_sent(self, mode: str | None = None) -> int:
         """Rows this rank sends per forward in `mode` (default: the chosen one)."""
@@ -152,12 +154,6 @@ def build_plan(shard, e, halo_global: np.ndarray, halo_owner: np.ndarray, row_by
     recv_splits = np.bincount(halo_owner, minlength=P).astype(np.int64)
     send_splits = torch.zeros(P, dtype=torch.int64)
     dist.all_to_all_single(send_splits, torch.from_numpy(recv_splits), group=group)
-    want = torch.from_numpy(halo_global.astype(np.int64))
-    asked = torch.zeros(int(send_splits.sum()), dtype=torch.int64)
-    dist.all_to_all_single(asked, want, send_splits.tolist(), recv_splits.tolist(), group=group)
-    pos = shard.local_pos(e.src)[asked.numpy()]
-    if (pos < 0).any():
-        raise RuntimeError(f"exchange plan for {e}: a peer asked for rows this rank does not own")
     n_own = len(shard.own(e.src))
     sizes = torch.tensor([n_own, int(recv_splits.sum())], dtype=torch.int64)
     gathered = [torch.zeros_like(sizes) for _ in range(P)]
@@ -165,8 +161,20 @@ def build_plan(shard, e, halo_global: np.ndarray, halo_owner: np.ndarray, row_by
     max_own = max(int(g[0]) for g in gathered)
     total_a2a = sum(int(g[1]) for g in gathered)
     mode = choose_mode(total_a2a, P * (P - 1) * max_own, shard.exchange, shard.allgather_threshold)
-    return EdgePlan(str(e), mode, torch.from_numpy(pos), send_splits.tolist(), recv_splits.tolist(),
-                    halo_global, n_own, max_own, row_bytes, P, _edge_group(shard), shard.stats)
+    send_idx = torch.zeros(0, dtype=torch.int64)
+    if mode == "alltoall":  # tell each owner which of its rows we need
+        want = torch.from_numpy(halo_global.astype(np.int64))
+        asked = torch.zeros(int(send_splits.sum()), dtype=torch.int64)
+        dist.all_to_all_single(asked, want, send_splits.tolist(), recv_splits.tolist(), group=group)
+        pos = shard.local_pos(e.src)[asked.numpy()]
+        if (pos < 0).any():
+            raise RuntimeError(f"exchange plan for {e}: a peer asked for rows this rank does not own")
+        send_idx = torch.from_numpy(pos.astype(np.int64))
+    else:
+        halo_global = None  # the all-gather layout needs no index lists
+    return EdgePlan(str(e), mode, send_idx, send_splits.tolist(), recv_splits.tolist(),
+                    halo_global, n_own, max_own, row_bytes, P, _edge_group(shard), shard.stats,
+                    n_halo=int(recv_splits.sum()))
 
 
 # ---------------------------------------------------------------- exchanges as autograd
@@ -297,16 +305,23 @@ def split_edges(owners_u: np.ndarray, n_u: int, rank: int, src: np.ndarray) -> E
 
 
 def build_edge_layer(shard, e, w: torch.Tensor, src: np.ndarray, dst: np.ndarray, impl: str):
-    """Split this rank's in-edges over `e` into local and remote sources; plan the exchange."""
+    """Split this rank's in-edges over `e` into local and remote sources; plan the exchange.
+
+    Takes ownership of `w`, `src` and `dst` (permuted in place). The layer keeps only its CSRs
+    (local rows and columns); global indices are derived on demand (`_edge_index`).
+    """
     from .model import EdgeLayer
 
     n_v_own = len(shard.own(e.dst))
-    row = dst if shard.world_size == 1 else shard.local_pos(e.dst)[dst]
     if shard.world_size == 1 or shard.is_input(e.src):
+        row = dst if shard.world_size == 1 else shard.local_pos(e.dst)[dst]
         csr = CSR(torch.from_numpy(row), torch.from_numpy(src), n_v_own, shard.lift.n(e.src))
-        return EdgeLayer(w, src, dst, src.size, csr, None, None, impl)
+        return EdgeLayer(w, src.size, csr, None, None, impl, functools.partial(_edge_index, shard, e, None))
     sp = split_edges(shard.owners[e.src], shard.lift.n(e.src), shard.rank, src)
-    src, dst, row, w = src[sp.order], dst[sp.order], row[sp.order], w[torch.from_numpy(sp.order)]
+    src[:] = src[sp.order]
+    row = shard.local_pos(e.dst)[dst[sp.order]]
+    del dst
+    w.copy_(w[torch.from_numpy(sp.order)])
     n_local = sp.n_local
     plan = build_plan(shard, e, sp.halo_global, sp.halo_owner, shard.lift.base.dim(e.src) * w.element_size())
     if plan.mode == "allgather":
@@ -315,9 +330,33 @@ def build_edge_layer(shard, e, w: torch.Tensor, src: np.ndarray, dst: np.ndarray
         n_cols = plan.world_size * plan.max_own
     else:
         col_remote, n_cols = sp.col_remote, sp.halo_global.size
+    del sp
     shard.plans[e.key] = plan
     col_local = shard.local_pos(e.src)[src[:n_local]]
+    del src
     csr_local = CSR(torch.from_numpy(row[:n_local]), torch.from_numpy(col_local), n_v_own, len(shard.own(e.src)))
     csr_remote = CSR(torch.from_numpy(row[n_local:]), torch.from_numpy(np.asarray(col_remote, np.int64)),
                      n_v_own, n_cols)
-    return EdgeLayer(w, src, dst, n_local, csr_local, csr_remote, HaloExchange(plan), impl)
+    return EdgeLayer(w, n_local, csr_local, csr_remote, HaloExchange(plan), impl,
+                     functools.partial(_edge_index, shard, e, plan))
+
+
+def _edge_index(shard, e, plan: EdgePlan | None, layer) -> tuple[np.ndarray, np.ndarray]:
+    """Global `(src, dst)` of a layer's rows, from its CSRs and the shard's ownership."""
+    rows = [layer.csr_local.row] + ([layer.csr_remote.row] if layer.csr_remote is not None else [])
+    dst = shard.own(e.dst)[torch.cat(rows).cpu().numpy().astype(np.int64)]
+    col_local = layer.csr_local.col.cpu().numpy().astype(np.int64)
+    if plan is None:  # sources are the whole fibre (one process, or an input fibre)
+        return col_local, dst
+    src_local = shard.own(e.src)[col_local]
+    col_remote = layer.csr_remote.col.cpu().numpy().astype(np.int64)
+    if plan.mode == "alltoall":
+        src_remote = plan.halo_global[col_remote]
+    else:  # all-gather layout: [rank, row in that rank's own list]
+        rank, pos = np.divmod(col_remote, plan.max_own)
+        src_remote = np.empty(col_remote.size, np.int64)
+        owners = shard.owners[e.src]
+        for p in np.unique(rank).tolist():
+            sel = rank == p
+            src_remote[sel] = np.flatnonzero(owners == p)[pos[sel]]
+    return np.concatenate([src_local, src_remote]), dst

@@ -40,16 +40,19 @@ class EdgeLayer(nn.Module):
     of the source fibre, `csr_remote` the halo rows delivered by `exchange`.
     """
 
-    def __init__(self, weight: torch.Tensor, src: np.ndarray, dst: np.ndarray, n_local: int,
-                 csr_local: CSR, csr_remote: CSR | None, exchange: Any = None, impl: str = "auto"):
+    def __init__(self, weight: torch.Tensor, n_local: int, csr_local: CSR, csr_remote: CSR | None,
+                 exchange: Any = None, impl: str = "auto", index: Any = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.register_buffer("src", torch.from_numpy(src), persistent=False)  # global, param order
-        self.register_buffer("dst", torch.from_numpy(dst), persistent=False)
         self.n_local = n_local
         self.csr_local, self.csr_remote = csr_local, csr_remote
         self.exchange = exchange
         self.impl = impl
+        self._index = index  # () -> global (src, dst) in parameter order, computed on demand
+
+    def global_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(src, dst)` global fibre indices of the rows of `weight` (not stored: derived)."""
+        return self._index(self)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -150,8 +153,11 @@ class LiftedNetwork(nn.Module):
         src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
         dst = np.concatenate(dsts) if dsts else np.zeros(0, np.int64)
         w = np.concatenate(ws) if ws else np.zeros((0, d_v, d_u), np.float32)
+        del srcs, dsts, ws  # setup memory: only the concatenated arrays from here on
         w *= self._scale(e.dst)
-        return shard.edge_layer(e, torch.from_numpy(w).to(dtype), src, dst, self.impl)
+        weight = torch.from_numpy(w).to(dtype)
+        del w
+        return shard.edge_layer(e, weight, src, dst, self.impl)
 
     def _init_readout(self, t: str, dtype: torch.dtype) -> torch.Tensor:
         own = self.shard.own(t)
@@ -174,8 +180,8 @@ class LiftedNetwork(nn.Module):
 
     def edge_index(self, e) -> tuple[torch.Tensor, torch.Tensor]:
         """`(src, dst)` int64 fibre indices of this rank's lifted edges over base edge `e`."""
-        layer = self.edge_layer(e)
-        return layer.src, layer.dst
+        src, dst = self.edge_layer(e).global_index()
+        return torch.from_numpy(src), torch.from_numpy(dst)
 
     def edge_weight(self, e) -> torch.Tensor:
         """`[m, d_v, d_u]` weights aligned with `edge_index(e)` (the parameter itself)."""

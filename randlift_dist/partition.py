@@ -162,6 +162,11 @@ def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: i
     raise PartitionError(f"partition strategy {strategy!r}: choose one of {STRATEGIES}")
 
 
+def _index_dtype(n: int):
+    """int32 for fibre-sized index arrays when it fits: they are O(n) on every rank."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 # ---------------------------------------------------------------- a rank's shard
 @dataclasses.dataclass
 class Shard:
@@ -236,7 +241,7 @@ class Shard:
     def local_pos(self, v: str) -> np.ndarray:
         """Global index -> row in `own(v)` (-1 where not held here); O(n_v) int64, cached."""
         if v not in self._pos:
-            pos = np.full(self.lift.n(v), -1, dtype=np.int64)
+            pos = np.full(self.lift.n(v), -1, dtype=_index_dtype(self.lift.n(v)))
             own = self.own(v)
             pos[own] = np.arange(own.size)
             self._pos[v] = pos
@@ -248,7 +253,7 @@ class Shard:
             owner = self.owners[v]
             order = np.argsort(owner, kind="stable")
             starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=self.world_size))])
-            pos = np.empty(owner.size, dtype=np.int64)
+            pos = np.empty(owner.size, dtype=_index_dtype(owner.size))
             pos[order] = np.arange(owner.size) - starts[owner[order]]
             self._pos_in_owner[v] = pos
         return self._pos_in_owner[v]

@@ -73,7 +73,7 @@ def lift_statistics(net, layout: Layout) -> dict[str, Any]:
         m = layer.weight.shape[0]
         mine["edges"][str(e)] = m
         mine["remote"][str(e)] = m - layer.n_local
-        deg = np.bincount(layer.dst.numpy(), minlength=net.lift.n(e.dst))[shard.own(e.dst)]
+        deg = np.bincount(layer.global_index()[1], minlength=net.lift.n(e.dst))[shard.own(e.dst)]
         mine["hist"][str(e)] = np.bincount(np.minimum(deg, 64), minlength=65)
         plan = shard.plans.get(e.key)
         mine["halo_rows"][str(e)] = int(sum(plan.recv_splits)) if plan is not None else 0

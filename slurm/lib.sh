@@ -115,7 +115,9 @@ rl_run_step() {
   trap - USR1 TERM
   echo "[$(date +%T)] training step exited with status $rc"
   if [[ $_rl_stop_requested == 1 ]]; then
-    # torchrun exits non-zero after forwarding SIGTERM even when its workers checkpointed and exited 0
+    # torchrun exits 1 (SignalException traceback) after forwarding SIGTERM even when its workers
+    # checkpointed and exited 0: the "checkpoint ... (step N)" line above is what counts
+    echo "(stop requested: a torchrun SignalException above is expected; look for the checkpoint line)"
     if [[ "${REQUEUE:-1}" != 0 ]]; then
       echo "[$(date +%T)] requeueing $RL_JOB; the next start resumes from the latest checkpoint"
       if scontrol requeue "$RL_JOB"; then

@@ -222,12 +222,19 @@ def test_csr_caches_structures():
     t_indptr, t_col, perm = csr.transposed()
     assert torch.equal(csr.col[perm], torch.repeat_interleave(torch.arange(20), t_indptr.diff()))
     assert torch.equal(csr.row[perm], t_col)
-    groups = csr.degree_groups()
-    covered = torch.cat([g.rows for g in groups.groups] + ([groups.empty] if groups.empty is not None else []))
-    assert torch.equal(covered.sort().values, torch.arange(20))
     deg = csr.indptr.diff()
-    for g in groups.groups:
-        assert bool((deg[g.rows] == g.k).all())
+    for transposed, d in ((False, deg), (True, t_indptr.diff())):
+        groups = csr.degree_groups(transposed)
+        order = torch.argsort(groups.inv)  # sorted position -> row
+        assert int((d == 0).sum()) == groups.n_empty and bool((d[order[:groups.n_empty]] == 0).all())
+        covered = [order[:groups.n_empty]]
+        for g in groups.groups:
+            assert bool((d[g.rows] == g.k).all())
+            assert torch.equal(order[g.pos:g.pos + g.rows.numel()], g.rows)
+            if g.r0 is not None:
+                assert torch.equal(g.rows, torch.arange(g.r0, g.r0 + g.rows.numel()))
+            covered.append(g.rows)
+        assert torch.equal(torch.cat(covered).sort().values, torch.arange(20))
     i32 = csr.indices32()
     assert i32[0].dtype == torch.int32 and torch.equal(i32[1].long(), csr.col)
 

@@ -116,7 +116,7 @@ def _real_plans(rank, world_size, lift, cases):
         net = LiftedNetwork(lift.base, lift, shard=shard, readout_init="normal")
         net(torch.randn(2, lift.base.in_dim))  # batch 2: bytes counted = 2 x per sample
         out.append({"bytes_forward": shard.stats.bytes_forward,
-                    "plans": {f"{u}->{v}": (p.mode, p.bytes_per_sample(), len(p.halo_global))
+                    "plans": {f"{u}->{v}": (p.mode, p.bytes_per_sample(), p.n_halo)
                               for (u, v), p in shard.plans.items()},
                     "edges": {str(e): net.edge_layer(e).weight.shape[0] for e in lift.base.edges}})
     return out

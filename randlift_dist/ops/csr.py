@@ -20,37 +20,48 @@ import torch
 
 @dataclass(frozen=True)
 class DegreeGroup:
-    """Rows that all have `k > 0` edges. `rows` ascending; if they form one range, `r0` is its start."""
+    """Rows that all have `k > 0` edges, ascending; they sit at `pos:pos+len(rows)` of the
+    degree-sorted order. If they form one range of rows, `r0` is its start and `e0` the first
+    edge of row r0 (then the group's edges are one range too)."""
 
     k: int
     rows: torch.Tensor  # int64 [n_k]
-    r0: int | None  # rows == arange(r0, r0 + n_k), else None
-    e0: int | None  # when r0 is set: the first edge of row r0 (the group's edges are one range)
+    pos: int
+    r0: int | None
+    e0: int | None
 
 
 @dataclass(frozen=True)
 class DegreeGroups:
+    """The rows sorted by degree (stable): rows without edges first (`n_empty` of them), then one
+    `DegreeGroup` per degree. `inv[r]` is the sorted position of row r; `identity` when the
+    sorted order is the row order (e.g. every row has the same degree)."""
+
     groups: tuple[DegreeGroup, ...]
-    empty: torch.Tensor | None  # int64 rows without edges (None when every row has one)
+    n_empty: int
+    inv: torch.Tensor  # int64 [n_rows]
+    identity: bool
 
 
 def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
     deg = indptr[1:] - indptr[:-1]
     order = torch.argsort(deg, stable=True)  # ascending degree; rows ascending within a degree
     ks, counts = torch.unique_consecutive(deg[order], return_counts=True)
-    groups, empty, s = [], None, 0
+    groups, n_empty, s = [], 0, 0
     for k, c in zip(ks.tolist(), counts.tolist()):
         rows = order[s:s + c]
-        s += c
         if k == 0:
-            empty = rows
-            continue
-        first, last = int(rows[0]), int(rows[-1])
-        if last - first + 1 == c:
-            groups.append(DegreeGroup(int(k), rows, first, int(indptr[first])))
+            n_empty = c
         else:
-            groups.append(DegreeGroup(int(k), rows, None, None))
-    return DegreeGroups(tuple(groups), empty)
+            first, last = int(rows[0]), int(rows[-1])
+            contiguous = last - first + 1 == c
+            groups.append(DegreeGroup(int(k), rows, s, first if contiguous else None,
+                                      int(indptr[first]) if contiguous else None))
+        s += c
+    identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return DegreeGroups(tuple(groups), n_empty, inv, identity)
 
 
 class CSR:
