@@ -16,57 +16,34 @@ tracemalloc's peak (numpy buffers + Python objects, not torch's own allocations)
 the arrays the finished shard holds, split into per-edge arrays and whole-fibre O(n) arrays.
 
 Measured (2026-11-27, Intel Xeon, 2 cores, 24 GiB, python 3.11.7, numpy 2.4.6, torch 2.13.0+cpu,
-other jobs sharing the CPU; two runs, P = 2 gave 860 and 845 MB, the rest agree to 0.5 MB):
+other jobs sharing the CPU), before and after the setup-memory changes of the same day:
 
-     P  edges/rank  peak MB  B/edge  ratio   1/P  held arrays B/edge  O(n) arrays MB
-     1    26213719    785.0    31.4  1.000 1.000                21.9            48.0
-     2    13108144    860.2    68.8  1.096 0.500                41.7            72.0
-     4     6556265    539.0    86.2  0.687 0.250                44.8            72.0
+  before: global src/dst kept as int64 buffers beside local-coordinate CSRs, unpermuted copies
+  and per-block lists alive during the build, int64 fibre-sized index arrays, index lists kept in
+  all-gather mode:
+     P  edges/rank  peak MB  B/edge  ratio   1/P
+     1    26213719    785.0    31.4  1.000 1.000
+     2    13108144    860.2    68.8  1.096 0.500
+     4     6556265    539.0    86.2  0.687 0.250
 
-Verdict: setup memory does NOT fall as 1/P. P = 2 needs MORE per rank than P = 1 (1.10x, ideal
-0.5); P = 4 needs 0.69x (ideal 0.25); from P = 2 to 4 it falls by 0.63 (ideal 0.5). The sharded
-rows fit peak = 51 B x edges/rank + ~220 MB, against 31 B x edges on one rank. Three causes,
-found with a phase timeline (tracemalloc and VmHWM at the entry and exit of split_edges,
-build_plan, local_pos, pos_in_owner, CSR, EdgeLayer) and a held-array census on rank 0
-(line numbers as of commit 3c1c1a0):
+  after (global indices derived on demand from the CSRs and the ownership, arrays permuted in
+  place, per-block lists freed, int32 `local_pos` / `pos_in_owner`, no index lists in all-gather
+  mode, the mode chosen before the index lists are exchanged):
+     P  edges/rank  peak MB  B/edge  ratio   1/P   held arrays B/edge  O(n) arrays MB
+     1    26213719    761.1    30.4  1.000 1.000                21.9            48.0
+     2    13108144    591.8    47.3  0.778 0.500                24.2            44.0
+     4     6556265    358.7    57.4  0.471 0.250                24.2            44.0
 
-1. A sharded rank holds 36 B per lifted edge where one rank holds 20 (the largest cause; the
-   O(edges/P) part, but with a constant 1.8x the P = 1 one). At P = 1, comm.py:306 builds the CSR
-   on the global `dst`/`src` arrays themselves (`row = dst`), so `EdgeLayer.src/dst` (model.py:47-48,
-   int64, 16 B/edge) and the CSR share storage. At P > 1 the CSR is in local coordinates:
-   `row = shard.local_pos(e.dst)[dst]` (comm.py:304, permuted at :309),
-   `col_local = shard.local_pos(e.src)[src[:n_local]]` (comm.py:319) and `col_remote`
-   (comm.py:314 in allgather mode, split_edges' unique-inverse at :295 in alltoall), all int64,
-   while the global `src`/`dst` stay registered as buffers: 196 MB of rank 0's 594 MB of held
-   arrays at P = 2 (15.7 B/edge), 98 MB at P = 4. Every exchanging base edge also gets two CSRs,
-   so two `indptr` of n/P + 1 int64 (ops/csr.py:83).
-2. The build's transient peak is ~2.5x the held bytes of the base edge being built (the last
-   one, h3 -> y, sets the peak): `LiftedNetwork._build_edge` keeps the per-block lists
-   `srcs/dsts/ws` alive next to their concatenations while `shard.edge_layer` runs
-   (model.py:146-154, +20 B/edge); comm.py:309 copies `src, dst, row, w` in permuted order while
-   the caller still references the unpermuted ones (+28 B/edge); `split_edges` (comm.py:289-295:
-   owner, mask, two flatnonzero + concatenate, key, np.unique's sort and inverse) peaks at
-   +37 B/edge. Freeing the block lists and the unpermuted copies (tried by monkeypatching, not
-   committed) lowers the peaks only to 772 / 761 / 470 MB (P = 1 / 2 / 4): cause 1 and 3 remain.
-3. Per-rank O(n) arrays, the same at every P: `owners` int32 per non-input fibre
-   (partition.py:63, 16 MB), `local_pos` int64 per fibre (partition.py:239, 32 MB), `pos_in_owner`
-   int64 per source fibre in allgather mode (partition.py:249-252, 24 MB held plus an argsort and
-   an arange of n transient each): 72 MB at n = 2**20. The partition itself (Shard.create) peaks
-   at 64 MB at every P: `_vertex_load`/`in_degrees` draw every block's degrees of every fibre on
-   every rank (partition.py:42-44, float64 load, int64 degrees, float64 cumsum at :56), freed
-   before the model (its pages are reused, so it does not add to the peak here). Besides, at
-   degree 8 and P <= 4 a rank's halo is nearly the whole remote fibre (1 - exp(-8/P): 0.98 at
-   P = 2, 0.86 at P = 4), so the plan arrays (`halo_global`, `send_idx`, build_plan's `asked` and
-   `pos`, comm.py:155-158) are O(n), not O(n/P): 24 MB held at P = 2, 31 MB at P = 4, kept in the
-   EdgePlan even when the chosen mode is allgather and they are never used.
-
-So the design's O(edges/P) holds for the sampling itself (each rank samples only its own target
-blocks: edges/rank halve exactly with P), but the per-rank setup memory fits
-~51 B x edges/P + ~220 MB at s = 2**20, versus 31 B x edges at P = 1. The held O(n) and halo
-arrays are 96 MB (11% of the peak) at P = 2 and 103 MB (19%) at P = 4, about 100 B per fibre
-vertex, so they match the per-edge part near edges/P ~ 2 n (P ~ 12 for this lift of ~25 n edges)
-and dominate beyond. Ideal 1/P would need the sharded path to hold what P = 1 holds per edge (local
-CSR only, or int32 indices, global src/dst derived on demand) and no O(n) arrays per rank.
+Analysis. The sampling is O(edges/P) (edges per rank halve exactly). Sharded rows now fit
+peak ~ 37 B x edges/rank + ~125 MB: the held arrays per edge are close to the one-rank ones
+(24 vs 22 B: weights 4 B + CSR row/col 16 B + transposed/int32 caches), and what does not shrink
+with P is O(vertices) per rank: `owners` (int32 per non-input fibre, 4 B/vertex), `local_pos` and
+`pos_in_owner` (int32, 4 B/vertex each), the partition's in-degree draws for load balancing
+(freed before the model), and the transient peak of `split_edges` (`np.unique` over the remote
+keys of the base edge being built, ~1 extra array of the edge's size). With ~25 edges per vertex
+here, the O(n) part matches the per-edge part near P ~ 8; scaling further needs the ownership held
+as block ranges instead of per-vertex arrays (possible for the `block` strategy), which is left
+as future work.
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ CASES = {
     "d16": (24, 20, 16, 16, 8, rng0.binomial(20, 0.2, 24), None),
     "d16_fixed": (16, 20, 16, 16, 32, np.full(16, 3), None),
     "empty_rows": (30, 20, 3, 3, 4, np.where(np.arange(30) % 3 == 0, 0, 2), None),
+    "sorted_degrees": (13, 20, 3, 3, 4, np.repeat([0, 1, 2, 5], [3, 4, 4, 2]), None),  # identity order
     "many_edges": (6, 300, 2, 3, 4, np.array([0, 1, 250, 3, 299, 0]), None),
     "many_edges_scalar": (6, 300, 1, 1, 4, np.array([0, 1, 250, 3, 299, 0]), None),
     "sources_without_edges": (20, 40, 2, 2, 3, rng0.binomial(10, 0.3, 20), 10),
@@ -54,10 +55,16 @@ CASES = {
 }
 
 
-def params():
-    for name, (n_v, n_u, d_v, d_u, B, deg, src) in CASES.items():
+def chunked(impl, d_v, d_u):
+    """Whether `impl` runs the chunked blocked kernel (then it is also tested with tiny chunks)."""
+    return impl == "blocked" or (impl == "auto" and not d_v == d_u == 1)
+
+
+def params(cases):
+    for name, (n_v, n_u, d_v, d_u, B, deg, src) in cases.items():
         for impl in fast_impls(d_v, d_u):
-            yield pytest.param(name, impl, id=f"{name}-{impl}")
+            for tiny in ([False, True] if chunked(impl, d_v, d_u) else [False]):
+                yield pytest.param(name, impl, tiny, id=f"{name}-{impl}" + ("-tiny_chunks" if tiny else ""))
 
 
 def _grads(impl, y, w, csr, gz):
@@ -73,16 +80,10 @@ def _close(a, b, rtol):
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
 
 
-@pytest.fixture(params=["default_chunks", "tiny_chunks"])
-def chunks(request, monkeypatch):
-    """Run the blocked kernel with its default chunking and with chunks of one or a few rows."""
-    if request.param == "tiny_chunks":
+@pytest.mark.parametrize("name,impl,tiny_chunks", list(params(CASES)))
+def test_matches_reference_float32(name, impl, tiny_chunks, monkeypatch):
+    if tiny_chunks:  # chunks of one row (and several chunks per degree group)
         monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
-    return request.param
-
-
-@pytest.mark.parametrize("name,impl", list(params()))
-def test_matches_reference_float32(name, impl, chunks):
     n_v, n_u, d_v, d_u, B, deg, src = CASES[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, sources=src)
     gz = torch.randn(n_v, d_v, B)
@@ -112,8 +113,10 @@ GRADCHECK = {
 }
 
 
-@pytest.mark.parametrize("name,impl", [(n, i) for n, c in GRADCHECK.items() for i in fast_impls(c[2], c[3]) if i != "auto"])
-def test_gradcheck_float64(name, impl, chunks):
+@pytest.mark.parametrize("name,impl,tiny_chunks", [p for p in params(GRADCHECK) if p.values[1] != "auto"])
+def test_gradcheck_float64(name, impl, tiny_chunks, monkeypatch):
+    if tiny_chunks:
+        monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
     n_v, n_u, d_v, d_u, B, deg, src = GRADCHECK[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, dtype=torch.float64, sources=src)
     y.requires_grad_(True)
