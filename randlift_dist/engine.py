@@ -51,6 +51,16 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+def set_torch_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, moments: dict[str, torch.Tensor],
+                    step: int, name: str) -> None:
+    """Restore a torch optimizer's per-parameter state (moments, and Adam's step count)."""
+    st = optimizer.state[p]
+    for k, v in moments.items():
+        st[k] = v.to(p.device, p.dtype).clone()
+    if name != "sgd" and moments:
+        st["step"] = torch.tensor(float(step))
+
+
 def grad_norm(grads: list[torch.Tensor], layout: Layout) -> float:
     """Global L2 norm of sharded gradients: each shard's sum of squares, summed over the lift group."""
     sq = torch.stack([g.double().pow(2).sum() for g in grads if g is not None]).sum().reshape(1)
@@ -165,11 +175,7 @@ class TorchEngine(Engine):
         return {k: st[k] for k in MOMENT_KEYS[self.cfg.train.optimizer] if k in st and st[k] is not None}
 
     def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
-        st = self.optimizer.state[p]
-        for k, v in moments.items():
-            st[k] = v.to(p.device, p.dtype).clone()
-        if self.cfg.train.optimizer != "sgd" and moments:
-            st["step"] = torch.tensor(float(step))
+        set_torch_state(self.optimizer, p, moments, step, self.cfg.train.optimizer)
 
     def save_native(self, path: str) -> None:
         pass  # the layout-independent checkpoint holds everything the torch engine needs
@@ -244,12 +250,8 @@ class DeepSpeedEngine(Engine):
         return p.detach()
 
     def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
-        if not self._fragment_api():
-            st = self.engine.optimizer.state[p]
-            for k, v in moments.items():
-                st[k] = v.to(p.device, torch.float32).clone()
-            if self.cfg.train.optimizer != "sgd" and moments:
-                st["step"] = torch.tensor(float(step))
+        if not self._fragment_api():  # stage 0, fp32: the client torch optimizer itself
+            set_torch_state(self.engine.optimizer, p, moments, step, self.cfg.train.optimizer)
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 

@@ -71,13 +71,13 @@ def test_loss_curve_independent_of_layout(tmp_path, reference, engine, zero, npr
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("engine, first, second", [
-    ("torch", (1, 1), (2, 2)),          # one process -> lift-parallel 2
-    ("deepspeed", (2, 2), (2, 1)),      # lift-parallel 2 -> data-parallel 2 (ZeRO-1)
-    ("deepspeed", (1, 1), (1, 1)),      # same layout
-], ids=["torch-1to2lp", "ds-lp2-to-dp2", "ds-same"])
-def test_resume_continues_the_curve(tmp_path, reference, engine, first, second):
-    extra = [f"parallel.engine={engine}", "parallel.zero_stage=1" if engine == "deepspeed" else "parallel.zero_stage=0"]
+@pytest.mark.parametrize("engine, zero, first, second", [
+    ("torch", 0, (1, 1), (2, 2)),          # one process -> lift-parallel 2
+    ("deepspeed", 1, (2, 2), (2, 1)),      # lift-parallel 2 -> data-parallel 2 (ZeRO-1 moments)
+    ("deepspeed", 0, (1, 1), (1, 1)),      # same layout, stage 0 (client optimizer state)
+], ids=["torch-1to2lp", "ds-zero1-lp2-to-dp2", "ds-zero0-same"])
+def test_resume_continues_the_curve(tmp_path, reference, engine, zero, first, second):
+    extra = [f"parallel.engine={engine}", f"parallel.zero_stage={zero}"]
     launch(tmp_path, first[0], *QUICK, *extra, f"parallel.lift_parallel={first[1]}", "train.stop_at=10")
     assert max(losses(tmp_path)) == 10
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000010"
