@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by train.sbatch and sweep.sbatch (sourced, never run): environment, log header, and the
 # training step with preemption handling. Needs REPO (the repository root: site.env, the commit)
 # and a SLURM job. The working directory stays the job's (the submission directory by default).
@@ -68,13 +69,15 @@ rl_header() {
 _rl_stop_requested=0
 _rl_interrupted=0
 _rl_step_pid=""
+# a USR1 during setup (a time limit shorter than the signal's lead) must not kill the script
+trap '_rl_stop_requested=1; echo "[$(date +%T)] USR1 before the training step started"' USR1
 
 _rl_on_usr1() {
   _rl_interrupted=1
   _rl_stop_requested=1
   echo "[$(date +%T)] USR1 (preemption or time limit): SIGTERM to the training step, which checkpoints and exits"
-  local steps="" i
-  for i in 1 2 3 4 5; do  # the step may still be registering
+  local steps="" _
+  for _ in 1 2 3 4 5; do  # the step may still be registering
     steps=$(squeue -h --steps -j "$RL_JOB" -o %i 2>/dev/null | grep -E '\.[0-9]+$' || true)
     [[ -n "$steps" ]] && break
     kill -0 "$_rl_step_pid" 2>/dev/null || break
@@ -100,6 +103,10 @@ _rl_on_term() {
 rl_run_step() {
   echo "step:       srun $*"
   echo "===="
+  if [[ $_rl_stop_requested == 1 ]]; then
+    _rl_after_stop
+    return
+  fi
   trap _rl_on_usr1 USR1
   trap _rl_on_term TERM
   srun "$@" &
@@ -117,17 +124,26 @@ rl_run_step() {
   if [[ $_rl_stop_requested == 1 ]]; then
     # torchrun exits 1 (SignalException traceback) after forwarding SIGTERM even when its workers
     # checkpointed and exited 0: the "checkpoint ... (step N)" line above is what counts
-    echo "(stop requested: a torchrun SignalException above is expected; look for the checkpoint line)"
-    if [[ "${REQUEUE:-1}" != 0 ]]; then
-      echo "[$(date +%T)] requeueing $RL_JOB; the next start resumes from the latest checkpoint"
-      if scontrol requeue "$RL_JOB"; then
-        sleep 120  # SLURM ends this script now
-      fi
-      echo "scontrol requeue $RL_JOB failed: resubmit the same command to resume" >&2
-      return 1
-    fi
+    [[ $rc == 0 ]] || echo "(after a stop request torchrun exits 1 with a SignalException: expected;" \
+      "the workers' \"checkpoint ... (step N)\" line above is what counts)"
+    _rl_after_stop
+    return
+  fi
+  return "$rc"
+}
+
+# After a stop request: requeue this job (it ends the script), or with REQUEUE=0 return 0.
+_rl_after_stop() {
+  if [[ "${REQUEUE:-1}" == 0 ]]; then
     echo "stopped on request (REQUEUE=0): resubmit the same command to resume"
     return 0
   fi
-  return "$rc"
+  echo "[$(date +%T)] requeueing $RL_JOB; the next start resumes from the latest checkpoint"
+  if scontrol requeue "$RL_JOB"; then
+    sleep 120  # SLURM ends this script now
+    echo "$RL_JOB is still running 120 s after scontrol requeue" >&2
+  else
+    echo "scontrol requeue $RL_JOB failed (is the job requeueable?): resubmit the same command to resume" >&2
+  fi
+  return 1
 }

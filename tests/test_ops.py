@@ -19,7 +19,8 @@ def make_case(n_v, n_u, d_v, d_u, B, degrees, seed=0, dtype=torch.float32, sourc
     assert degrees.shape == (n_v,)
     pool = n_u if sources is None else sources  # sources >= pool never get an edge
     row = np.repeat(np.arange(n_v), degrees)
-    col = np.concatenate([np.sort(rng.choice(pool, size=d, replace=False)) for d in degrees]) if degrees.sum() else np.zeros(0, np.int64)
+    col = [np.sort(rng.choice(pool, size=d, replace=False)) for d in degrees]
+    col = np.concatenate(col) if degrees.sum() else np.zeros(0, np.int64)
     csr = CSR(torch.from_numpy(row), torch.from_numpy(col.astype(np.int64)), n_v, n_u)
     y = torch.randn(n_u, d_u, B, generator=g, dtype=dtype)
     w = torch.randn(len(row), d_v, d_u, generator=g, dtype=dtype)
@@ -50,6 +51,8 @@ CASES = {
     "batch1": (30, 30, 1, 1, 1, rng0.binomial(30, 0.2, 30), None),
     "batch1_d16": (20, 20, 16, 16, 1, rng0.binomial(20, 0.25, 20), None),
     "batch2_d16_fixed": (20, 20, 16, 16, 2, np.full(20, 5), None),
+    "batch4_d8_empty_rows": (12, 20, 8, 8, 4, [0, 3, 0, 0, 5, 1, 0, 2, 2, 0, 7, 0], None),  # small-batch path
+    "batch8_mixed": (20, 20, 16, 4, 3, rng0.binomial(20, 0.25, 20), None),  # small-batch path, d_v != d_u
     "nnz0": (10, 8, 3, 2, 4, np.zeros(10, np.int64), None),
     "nnz0_scalar": (10, 8, 1, 1, 4, np.zeros(10, np.int64), None),
 }

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def test_collect_table_and_fractions(tmp_path, capsys):
 # ------------------------------------------------------------------ the cluster
 def _pdeathsig():
     """Run in the child before exec: die with SIGTERM when pytest dies (no daemon outlives it)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not glibc: the fixture's finalizer still stops the daemons
 
 
 def _free_port() -> int:
@@ -166,24 +170,29 @@ class Cluster:
         self.auth = "none"
         self.node = socket.gethostname().split(".")[0]
         self.env: dict[str, str] = {}
+        self.sockets: Path | None = None
 
     # -- daemons
     def start(self) -> None:
         r = self.root
-        for d in ("state", "spool", "log", "munge", "out"):
+        for d in ("state", "log", "out"):
             (r / d).mkdir(exist_ok=True)
+        # unix sockets (munge, slurmstepd) need short paths, whatever the pytest basetemp is
+        self.sockets = Path(tempfile.mkdtemp(prefix="rlslurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        for d in ("spool", "munge"):
+            (self.sockets / d).mkdir()
         try:
             socket.gethostbyname(self.node)
         except OSError:
             pytest.skip(f"this host's name {self.node!r} does not resolve: SLURM node names must resolve")
         self.auth = "munge" if self._start_munge() else "none"
         # job ids (and so the derived rendezvous ports 20000 + id % 12000) start at a random offset
-        first = next(f for f in (random.randrange(1, 11000) for _ in range(50))
-                     if all(_port_free(20000 + (f + k) % 12000) for k in range(16)))
+        first = next((f for f in (random.randrange(1, 11000) for _ in range(50))
+                      if all(_port_free(20000 + (f + k) % 12000) for k in range(16))), random.randrange(1, 11000))
         with open("/proc/meminfo") as f:
             mem_kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
         mem = int(mem_kb / 1024 * 0.8)
-        auth = (f"AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={r}/munge/munge.sock\n"
+        auth = (f"AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={self.sockets}/munge/munge.sock\n"
                 if self.auth == "munge" else "AuthType=auth/none\nCredType=cred/none\n")
         conf = r / "slurm.conf"
         conf.write_text(f"""ClusterName=rltest
@@ -193,7 +202,7 @@ SlurmdUser=root
 {auth}SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={self.sockets}/spool
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -238,7 +247,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=30 State=UP
         pytest.fail(f"the node did not become idle in 60 s (state {state!r}):\n{self.logs()}")
 
     def _start_munge(self) -> bool:
-        m = self.root / "munge"
+        m = self.sockets / "munge"
         if not (shutil.which("munged") or Path("/usr/sbin/munged").exists()):
             return False
         os.chmod(m, 0o700)
@@ -275,6 +284,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=30 State=UP
             while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.5)
         self._stop_procs()
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     def _stop_procs(self) -> None:
         for p in reversed(self.procs):
@@ -329,6 +340,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=30 State=UP
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (slurmd launches jobs as root here)")
     _ensure_slurm_installed()
     c = Cluster(tmp_path_factory.mktemp("slurm"))
     request.addfinalizer(c.stop)  # before start: a half-started cluster is stopped too
@@ -364,12 +377,14 @@ def test_train_sbatch_torchrun_two_processes(cluster):
     recs = _metrics(run_dir)
     assert recs[-1]["step"] == 40 and "test_loss" in recs[-1], log
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000040"
-    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     head = log.split("====\n")[1]  # the header, before the step's output
     assert "world 2 = 1 node(s) x 2 processes" in head and f"{cluster.node}:{slurm_master_port(int(job))}" in head
-    assert commit and commit in head and f"nodes {cluster.node} (1)" in head
-    assert f"-1x2-j{job}" in yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["name"]
+    assert f"nodes {cluster.node} (1)" in head
+    commit = re.search(r"^commit: +([0-9a-f]{10})", head, re.M).group(1)
+    assert subprocess.run(["git", "cat-file", "-t", commit], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip() == "commit"
+    name = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["name"]
+    assert name.startswith(f"randlift-{commit}") and name.endswith(f"-1x2-j{job}")
     assert "world 2 = lift_parallel 1 x data_parallel 2 (backend gloo)" in log
 
 
@@ -430,13 +445,23 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster):
         time.sleep(0.3)
     # what SLURM does before the time limit (#SBATCH --signal=B:USR1@300): USR1 to the batch shell
     cluster.run("scancel", "--batch", "--signal=USR1", job)
-    cluster.wait(job, 90, until=lambda js: js and js[0].get("Restarts") == "1")
+    cluster.wait(job, 90, until=lambda js: js and js[0].get("Restarts") == "1"
+                 and js[0]["JobState"] in ("PENDING", "RUNNING"))
     stopped = int(re.search(r"stopping at step (\d+) \(signal 15\)", log.read_text()).group(1))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}", log.read_text()
     assert f"requeueing {job}" in log.read_text()
-    # SLURM holds a requeued job back for about 2 minutes (BeginTime): let it start now
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-    cluster.wait(job, 120, until=lambda js: any(r["step"] > stopped for r in _metrics(run_dir)))
+    requeued_at = time.monotonic()
+
+    def resumed(js):
+        # SLURM holds a requeued job back for about 2 minutes (BeginTime): start it sooner, but not
+        # within 3 s of the requeue, or slurmd refuses it ("Job credential revoked", 1 s resolution)
+        state = js[0]["JobState"] if js else "?"
+        assert state not in TERMINAL, f"the requeued job ended: {state}\n{cluster.logs()}"
+        if state == "PENDING" and js[0].get("Reason") == "BeginTime" and time.monotonic() > requeued_at + 3:
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        return any(r["step"] > stopped for r in _metrics(run_dir))
+
+    cluster.wait(job, 120, until=resumed)
     second = log.read_text().split("restart 1,", 1)[1]  # the requeued incarnation's log
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d} at step {stopped}" in second
     steps = [r["step"] for r in _metrics(run_dir)]

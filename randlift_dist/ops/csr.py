@@ -79,7 +79,8 @@ class CSR:
             raise ValueError("CSR edges must be sorted by target row")
         self.row, self.col = row, col
         self.n_rows, self.n_cols = int(n_rows), int(n_cols)
-        counts = torch.bincount(row, minlength=self.n_rows) if row.numel() else torch.zeros(self.n_rows, dtype=torch.int64)
+        counts = (torch.bincount(row, minlength=self.n_rows) if row.numel()
+                  else torch.zeros(self.n_rows, dtype=torch.int64, device=row.device))
         self.indptr = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=row.device)
         torch.cumsum(counts, 0, out=self.indptr[1:])
         self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -21,8 +21,9 @@ _CHUNK_ELEMS = 1 << 21
 # On accelerators, bigger chunks (fewer kernel launches; the caching allocator makes them cheap).
 # Untested on a GPU so far: tune there.
 _CHUNK_ELEMS_ACCEL = 1 << 25
-# Outputs up to this many elements are assembled in a reused scratch buffer (degree-sorted order).
-_SORTED_WS_CAP = 1 << 23
+# Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; five
+# slots, so at most ~5 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
+_WS_CACHE_MAX = 1 << 23
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -37,13 +38,14 @@ _tls = threading.local()
 
 
 def _workspace(n: int, like: torch.Tensor, slot: int) -> torch.Tensor:
-    """A flat scratch buffer of >= n elements, reused across calls on CPU (per thread, dtype, slot).
+    """A flat scratch buffer of n elements, reused across calls on CPU (per thread, dtype, slot).
 
-    Only on CPU: there a fresh multi-MiB allocation is a fresh mmap whose page faults cost more
-    than the copy into it. On accelerators the caching allocator already recycles memory (and
-    reusing one buffer across streams would need stream bookkeeping), so we allocate.
+    Only on CPU and up to `_WS_CACHE_MAX` elements: there a fresh multi-MiB allocation is a fresh
+    mmap whose page faults cost more than the copy into it. On accelerators the caching allocator
+    already recycles memory (and reusing one buffer across streams would need stream bookkeeping),
+    so we allocate.
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or n > _WS_CACHE_MAX:
         return like.new_empty(n)
     cache = getattr(_tls, "ws", None)
     if cache is None:
@@ -74,14 +76,16 @@ def _csr_tensor(indptr, col, values, shape):
         return torch.sparse_csr_tensor(indptr, col, values, size=shape, check_invariants=False)
 
 
-def _spmm(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`A @ x` for a CSR matrix A. On CPU, into an uninitialised output with `addmm(beta=0)`
-    (documented to ignore the input; MKL writes every row, empty ones as 0): `torch.sparse.mm`
-    zero-fills a fresh output and allocates once more, which cost ~20 ms of ~50 ms at
-    32768 x 256 on the benchmark VM (page faults of fresh 32 MiB buffers dominate there)."""
+def _spmm(A: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`A @ x` for a CSR matrix A (into `out` if given). On CPU, into an uninitialised output with
+    `addmm(beta=0)` (documented to ignore the input; MKL writes every row, empty ones as 0):
+    `torch.sparse.mm` zero-fills a fresh output and allocates once more, which cost ~20 ms of
+    ~50 ms at 32768 x 256 on the benchmark VM (page faults of fresh 32 MiB buffers dominate)."""
     if x.device.type != "cpu":
-        return torch.sparse.mm(A, x)
-    out = x.new_empty(A.shape[0], x.shape[1])
+        r = torch.sparse.mm(A, x)
+        return r if out is None else out.copy_(r)
+    if out is None:
+        out = x.new_empty(A.shape[0], x.shape[1])
     return torch.addmm(out, A, x, beta=0.0, out=out)
 
 
@@ -128,6 +132,14 @@ class _ScalarCSR(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- blocked
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`torch.bmm(a, b, out=out)`, except an inner dimension of 1 (outer products), where MKL's
+    batched GEMM is ~20x slower than the broadcast product."""
+    if a.shape[2] == 1:
+        return torch.mul(a, b, out=out)
+    return torch.bmm(a, b, out=out)
+
+
 def _row_chunks(groups: DegreeGroups, w_shape, B: int, device: torch.device):
     """Yield `(k, rows, pos, e0)` chunks of rows with k edges whose gathered activations and weight
     blocks each hold at most ~_CHUNK_ELEMS elements; `pos` is the chunk's offset in the
@@ -147,10 +159,7 @@ def _sorted_out(groups: DegreeGroups, shape: tuple[int, ...], like: torch.Tensor
     if groups.identity:
         out = like.new_empty(shape)
     else:
-        n = 1
-        for s in shape:
-            n *= s
-        out = (_workspace(n, like, 4) if n <= _SORTED_WS_CAP else like.new_empty(n)).view(shape)
+        out = _ws_view(shape, like, 4)
     if groups.n_empty:
         out[:groups.n_empty].zero_()
     return out
@@ -189,6 +198,70 @@ def _gather_w_vk(w: torch.Tensor, e: torch.Tensor | None, e0: int | None, c: int
     return out.view(c, d_v, k * d_u)
 
 
+def _small_batch(w_shape, B: int) -> bool:
+    """True when an edge's weight block is bigger than its activations (B < 16 at d = 16): then
+    streaming the weights in place beats rearranging them for the grouped GEMM (measured at
+    d = 16: 1.3-1.5x faster forward for B = 4 to 12, equal at 16 to 24)."""
+    _, d_v, d_u = w_shape
+    return B * max(d_u, d_v) < d_u * d_v
+
+
+def _row_ranges(csr: CSR, per_edge: int, device: torch.device) -> list[tuple[int, int, int, int]]:
+    """`(r0, r1, e0, e1)`: consecutive row ranges holding ~chunk-budget / per_edge edges each."""
+    budget = _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_ACCEL
+    step = max(1, budget // per_edge)
+    bounds = {0, csr.n_rows}
+    if step < csr.nnz:
+        targets = torch.arange(step, csr.nnz, step, device=csr.indptr.device)
+        bounds.update(torch.searchsorted(csr.indptr, targets).tolist())
+    bounds = sorted(bounds)
+    ptr = csr.indptr[bounds].tolist()
+    return [(bounds[i], bounds[i + 1], ptr[i], ptr[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def _segment_matrix(indptr: torch.Tensor, r0: int, r1: int, e0: int, e1: int, like: torch.Tensor) -> torch.Tensor:
+    """The 0/1 CSR matrix `[r1 - r0, e1 - e0]` summing each row's (consecutive) edges: MKL's SpMM
+    does this segment sum ~10x faster than `index_add_` or `segment_reduce` at small rows."""
+    c = e1 - e0
+    crow = (indptr[r0:r1 + 1] - e0).to(torch.int32)
+    col = torch.arange(c, dtype=torch.int32, device=indptr.device)
+    return _csr_tensor(crow, col, like.new_ones(c), (r1 - r0, c))
+
+
+def _blocked_forward_small_batch(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
+    """Small batches: the weights dominate the traffic, so read them in place. Per range of rows
+    (in row order, so the edges and weights are one contiguous range): gather the sources,
+    multiply edge by edge (`[c, d_v, d_u] @ [c, d_u, B]`), and sum each row's messages with a 0/1
+    CSR SpMM straight into z. The message chunk is smaller than the weights it came from."""
+    m, d_v, d_u = w.shape
+    B = y.shape[2]
+    z = y.new_empty(csr.n_rows, d_v, B)
+    for r0, r1, e0, e1 in _row_ranges(csr, d_v * d_u, y.device):
+        c = e1 - e0
+        if c == 0:
+            z[r0:r1].zero_()
+            continue
+        yg = torch.index_select(y, 0, csr.col[e0:e1], out=_ws_view((c, d_u, B), y, 0))
+        msg = _bmm(w[e0:e1], yg, out=_ws_view((c, d_v, B), y, 3))
+        _spmm(_segment_matrix(csr.indptr, r0, r1, e0, e1, y), msg.view(c, d_v * B), out=z[r0:r1].view(r1 - r0, d_v * B))
+    return z
+
+
+def _blocked_grad_weight_small_batch(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -> torch.Tensor:
+    """Small batches: per range of edges, `gw[e] = gz[row_e] @ y[col_e]^T` written in place."""
+    m, d_v, d_u = w_shape
+    B = y.shape[2]
+    gw = gz.new_empty(m, d_v, d_u)
+    for r0, r1, e0, e1 in _row_ranges(csr, d_v * d_u, y.device):
+        c = e1 - e0
+        if c == 0:
+            continue
+        gg = torch.index_select(gz, 0, csr.row[e0:e1], out=_ws_view((c, d_v, B), gz, 2))
+        yg = torch.index_select(y, 0, csr.col[e0:e1], out=_ws_view((c, d_u, B), y, 0))
+        _bmm(gg, yg.transpose(1, 2), out=gw[e0:e1])
+    return gw
+
+
 def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
     """z = sum over edges of W @ y[col], one batched matmul per (degree, chunk) of target rows.
 
@@ -200,6 +273,8 @@ def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor
     """
     m, d_v, d_u = w.shape
     B = y.shape[2]
+    if _small_batch(w.shape, B):
+        return _blocked_forward_small_batch(y, w, csr)
     groups = csr.degree_groups()
     zs = _sorted_out(groups, (csr.n_rows, d_v, B), y)
     for k, rows, pos, e0 in _row_chunks(groups, w.shape, B, y.device):
@@ -207,15 +282,7 @@ def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor
         e = _edges(csr.indptr, rows, k) if e0 is None else None
         src = csr.col[e0:e0 + c * k] if e is None else csr.col.index_select(0, e)
         yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0))
-        out = zs[pos:pos + c]
-        if k > 1 and d_v > 1 and 2 * B < d_u:
-            # small batch: the weights dominate; multiply edge by edge and sum the k messages
-            # (a [c*k, d_v, B] chunk, smaller than the weights) instead of rearranging the weights
-            wc = w[e0:e0 + c * k] if e is None else torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1))
-            msg = torch.bmm(wc, yg, out=_ws_view((c * k, d_v, B), y, 3))
-            torch.sum(msg.view(c, k, d_v, B), 1, out=out)
-        else:
-            torch.bmm(_gather_w_vk(w, e, e0, c, k), yg.view(c, k * d_u, B), out=out)
+        _bmm(_gather_w_vk(w, e, e0, c, k), yg.view(c, k * d_u, B), out=zs[pos:pos + c])
     return _unsort(groups, zs)
 
 
@@ -240,7 +307,7 @@ def _blocked_grad_input(gz: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Te
             tgt = t_row.index_select(0, p)
         gg = torch.index_select(gz, 0, tgt, out=_ws_view((c * k, d_v, B), gz, 0)).view(c, k * d_v, B)
         wt = torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1)).view(c, k * d_v, d_u)
-        torch.bmm(wt.transpose(1, 2), gg, out=gys[pos:pos + c])
+        _bmm(wt.transpose(1, 2), gg, out=gys[pos:pos + c])
     return _unsort(groups, gys)
 
 
@@ -251,6 +318,8 @@ def _blocked_grad_weight(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -
     operand order ran ~30% faster than `gz[rows] @ gathered^T` with MKL.)"""
     m, d_v, d_u = w_shape
     B = y.shape[2]
+    if _small_batch(w_shape, B):
+        return _blocked_grad_weight_small_batch(gz, y, w_shape, csr)
     gw = gz.new_empty(m, d_v, d_u)
     for k, rows, pos, e0 in _row_chunks(csr.degree_groups(), w_shape, B, y.device):
         c = rows.numel()
@@ -258,7 +327,7 @@ def _blocked_grad_weight(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -
         src = csr.col[e0:e0 + c * k] if e is None else csr.col.index_select(0, e)
         g = torch.index_select(gz, 0, rows, out=_ws_view((c, d_v, B), gz, 2))
         yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0)).view(c, k * d_u, B)
-        prod = torch.bmm(yg, g.transpose(1, 2), out=_ws_view((c, k * d_u, d_v), gz, 1))
+        prod = _bmm(yg, g.transpose(1, 2), out=_ws_view((c, k * d_u, d_v), gz, 1))
         blocks = prod.view(c * k, d_u, d_v).transpose(1, 2)  # [c*k, d_v, d_u]
         if e is None:
             gw[e0:e0 + c * k].copy_(blocks)
