@@ -45,36 +45,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
 
 import numpy as np
+from hardware import hardware_line
 
 from randlift_dist import BaseGraph, random_sparse_lift
 from randlift_dist.planstats import plan_statistics
 
 STRATEGIES = ("block", "graph", "random")
-
-
-def hardware_line() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        from importlib.metadata import version
-
-        metis = f"pymetis {version('pymetis')}"
-    except Exception:
-        metis = "no pymetis"
-    return (f"hardware: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}, numpy "
-            f"{np.__version__}, torch {torch.__version__}, {metis}")
 
 
 def summarize(stats: dict) -> dict:
@@ -103,7 +84,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # pymetis's xadj/adjncy notice
 
     base = BaseGraph.mlp(args.dim, [args.dim] * 3, args.dim, "relu")
-    print(hardware_line())
+    print(hardware_line(("pymetis",)))
     print(f"lift: mlp x -> h1 -> h2 -> h3 -> y, s = {args.size} per non-input fibre, d = {args.dim} "
           f"({4 * args.dim} bytes per row, float32), law bernoulli, seed {args.seed}; bytes per sample per "
           "forward summed over ranks, 3 exchanging base edges")

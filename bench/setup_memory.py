@@ -50,38 +50,18 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import resource
 import sys
 import time
 import tracemalloc
 
 import numpy as np
+from hardware import hardware_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: tests/distributed.py
 
 MiB = 2 ** 20
-
-
-def hardware_line() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        mem = f", {kib / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return (f"hardware: {cpu}, {os.cpu_count()} cores{mem}; python {platform.python_version()}, "
-            f"numpy {np.__version__}, torch {torch.__version__}")
 
 
 # ---------------------------------------------------------------- memory probes (Linux)
