@@ -1,13 +1,83 @@
 """Local aggregation kernels against torch's sparse CSR SpMM and a dense matmul of the same FLOPs.
 
-Run: `python bench/kernels.py` (defaults: ~1 minute on 2 cores), or e.g.
+Run: `python bench/kernels.py` (defaults: ~30 s on 2 idle cores), or e.g.
 `python bench/kernels.py --n 8192 --batch 64 --repeats 5 --impls auto,blocked --threads 2`.
 
-RESULTS (filled in by hand; hardware: Intel Xeon (Sapphire Rapids, KVM), 2 cores, torch
-2.13.0+cpu, 2 threads, fp32, bernoulli degrees, B = 256; min of repeats, on a shared VM whose
-load average was 3 to 10 during the runs, so treat +-20% as noise)
+RESULTS. Hardware: Intel Xeon (family 6 model 207, Sapphire Rapids class; AVX-512, AMX), KVM
+guest, 2 cores, 24 GiB; 2 torch threads, torch 2.13.0+cpu (MKL), fp32. The VM was shared with
+other jobs (load average 1 to 13 during this work): every number below is a min over repeated
+(and, before/after, interleaved) runs taken at load average 0.8-1.5, and still +-15%.
 
-  PLACEHOLDER
+Default run (`python bench/kernels.py`, load average 0.8, 24 s in total):
+
+  case (B = 256, bernoulli)   ours fwd / fwd+bwd      torch.sparse CSR        dense same-FLOPs
+  d = 1,  fan-in 16           20 ms / 69 ms           31 ms / 5069 ms         8.9 ms / 13 ms
+  d = 1,  fan-in 32           34 ms / 118 ms          43 ms / 4821 ms         12.6 ms / 11 ms
+  d = 16, fan-in 16           81 ms / 226 ms          109 ms / 7610 ms        18.6 ms / 78 ms
+  (ours: 13-16 GFLOP/s and 25-33 GB/s of lower-bound traffic at d = 1; 53-57 GFLOP/s at
+  d = 16. torch.sparse with autograd through the values: 1.3-1.5x slower forward, 34-73x
+  slower forward+backward. The dense same-FLOPs matmul, i.e. the gather made free, is 2-3x
+  below ours in forward at d = 1 and 3-4x at d = 16: the gathers are what is left.)
+
+Before -> after (old = the kernels of commit 0baf6a0; old and new interleaved, 2 threads,
+bernoulli degrees; n = 32768 at d = 1 and n = 2048 at d = 16, B = 256, unless noted):
+
+  case                           fwd before -> after      fwd+bwd before -> after
+  d = 1,  k = 16 (csr)           32.6 -> 23.1 ms (1.4x)   93 -> 75 ms (1.25x)
+  d = 1,  k = 32 (csr)           52.9 -> 36.9 ms (1.4x)   164 -> 125 ms (1.3x)
+  d = 1,  k = 16, n = 16384, blocked  274 -> 39 ms (7x)  674 -> 123 ms (5.5x)
+  d = 16, k = 16, bernoulli      110 -> 66 ms (1.7x)      542 -> 222 ms (2.4x)
+  d = 16, k = 16, fixed degree   147 -> 55 ms (2.7x)      512 -> 202 ms (2.5x)
+  d = 16, B = 32                 20.1 -> 15.3 ms (1.3x)   62 -> 46 ms (1.3x)
+  d = 16, B = 1, n = 4096        9.8 -> 9.9 ms (1.0x)     68 -> 35 ms (1.9x)
+  d_v = 16, d_u = 1, n = 8192    205 -> 68 ms (3.0x)      773 -> 349 ms (2.2x)
+  d_v = 1, d_u = 16, n = 8192    317 -> 67 ms (4.7x)      974 -> 193 ms (5.0x)
+  (the old blocked kernel swung to 3-30x slower than this under load: its backward scattered
+  with `index_add_`, one slice at a time.)
+
+Prediction (before optimising). d = 1 is bound by reading the gathered source rows:
+m * B * 4 = 537 MB at fan-in 16, so ~25 ms per SpMM at ~20 GB/s; the backward is two more such
+passes (transposed SpMM, sampled product), so ~75-80 ms forward+backward is the floor of this
+formulation: expect small gains only (allocation, index conversion), and that is what happened.
+d = 16 has d/2 = 8 FLOP per gathered byte: ~27 ms to gather 537 MB plus ~25 ms of GEMM at
+~170 GFLOP/s, so ~50 ms forward, ~150 ms forward+backward; the old kernel's backward (3.6x its
+forward: a serial `index_add_` and per-edge GEMMs with inner dimension 16) was the target.
+Measured 55-66 ms forward, ~200 ms forward+backward: the gathers (`index_select`, ~55% of the
+time) and the GEMMs (~35%) dominate; the rest is per-chunk overhead and the output scatter.
+
+What was tried (measured on this VM; numbers are 1 or 2 threads as noted):
+- Blocked forward: per target-row degree group, gathered sources [c, k*d_u, B] times weights
+  laid side by side [c, d_v, k*d_u] (kept: inner dimension k*d instead of d, no scatter-add).
+  Per-edge GEMM + sum over k was 1.9x slower at B = 256 (1 thread) but 1.3-1.5x faster for
+  B < d (kept as the small-batch path, summing each row's messages with a 0/1 CSR SpMM: ~10x
+  faster than `index_add_` or `segment_reduce` at B = 1; `segment_reduce` was 5x slower than
+  `index_add_` at B = 32).
+- Input gradient as the same kernel on the transposed structure (sources grouped by
+  out-degree; weights used through a transposed view, no rearranging): deterministic, no
+  `index_add_` (the old kernel's main cost).
+- Weight gradient: `gathered @ gz^T` then a transposing copy ran 1.3x faster than
+  `gz @ gathered^T` (MKL batched GEMM with a transposed right operand).
+- Scratch buffers reused across chunks and calls (`index_select(out=...)`): a fresh 537 MB
+  gather took 455 ms vs 100 ms into a reused buffer (1 thread): fresh pages dominate on this VM.
+- Chunk sizes 2**17 to 2**22 elements: flat within noise from 2**19 up; 2**17 up to 1.5x
+  slower (bernoulli degrees: more, smaller chunks).
+- Putting chunk outputs in row order: per-chunk `index_copy_` and a reused degree-sorted buffer
+  + one `index_select` are within ~5%; a freshly allocated sorted buffer was 1.2-2x slower.
+- `bmm` with an inner dimension of 1 (outer products at B = 1) is ~20x slower than a broadcast
+  multiply: special-cased.
+- Scalar CSR: `addmm(beta=0)` into an uninitialised output instead of `torch.sparse.mm` (which
+  zero-fills and allocates twice): 49 vs 69 ms at 1 thread; int32 indices cached (MKL converts
+  int64 indices on every call). `torch.sparse.mm(A.t(), g)` converts the matrix on every call
+  (2x slower than the cached transpose when idle, 15x under load). `embedding_bag` with
+  per-sample weights, and its per-sample-weight backward, matched MKL SpMM and `sampled_addmm`
+  (no gain); the blocked kernel's weight gradient at d = 1 was 3x slower than `sampled_addmm`.
+- Scalar targets with vector sources (d_v = 1 < d_u): the scalar CSR matrix [n_v, n_u * d_u]
+  over the flat weights beats the blocked kernel 2.3-3.6x in forward, 1.3-3.8x in the
+  gradients (the blocked GEMMs have one row there): `auto` uses it.
+- Environment (not set by this code): `THP_MEM_ALLOC_ENABLE=1` makes torch's CPU allocator use
+  huge pages for big tensors; a fresh 32 MiB tensor then costs 4.8 ms instead of 21 ms to fill
+  (1 thread). Every large activation on this VM pays that, kernels or not.
+- Not tried: anything compiled (Triton, C++, torch.compile): out of scope for this pass.
 
 Counting. FLOPs: 2 * m * d_v * d_u * B forward, twice that for the backward (input and weight
 gradients), so forward+backward counts 3x. Bytes (a lower bound, fp32): forward reads the
@@ -29,7 +99,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,18 +107,24 @@ import warnings
 import numpy as np
 import torch
 
+from hardware import hardware_line  # bench/hardware.py (the script's directory is on sys.path)
 from randlift_dist.ops import CSR, aggregate
 
 
-def cpu_model() -> str:
+def cpu_details() -> str:
+    """CPU family/model numbers and the vector extensions that matter for GEMMs."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    info.setdefault(k.strip(), v.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return "cpu details unknown"
+    flags = set(info.get("flags", "").split())
+    ext = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+    return f"cpu family {info.get('cpu family', '?')} model {info.get('model', '?')}; {', '.join(ext) or 'no avx2'}"
 
 
 def draw_edges(n_v: int, n_u: int, k: float, law: str, rng: np.random.Generator):
@@ -211,14 +286,16 @@ def main(argv=None):
     impls = args.impls.split(",")
 
     print("# aggregation kernels benchmark")
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} logical cpus, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}, python {platform.python_version()}")
+    print(hardware_line())
+    print(f"{cpu_details()}; torch threads {torch.get_num_threads()}")
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')} "
           f"(1 makes fresh large tensors use huge pages: much cheaper page faults on VMs)")
     if hasattr(os, "getloadavg"):
         print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes skew timings)")
-    print(f"clock: {args.clock}; times: min over runs (fp32); ratios: method / ours (> 1: ours faster); "
-          "dense: same FLOP count, see the module doc")
+    print(f"clock: {args.clock}; times: min over runs (fp32); ratios: method / ours (> 1: ours faster)")
+    print("dense = a dense matmul doing the SAME FLOP count as the sparse product ([n*d, k*d] @ [k*d, B], "
+          "i.e. the gather made free), not the full dense [n*d, n*d] matrix")
+    print("GB/s = the problem's lower-bound traffic (gathered rows + weights + outputs) / time, for every method")
     t0 = time.perf_counter()
     for k in args.fan_in:
         run_case(f"scalar vertices, fan-in {k:g}", args.n, k, 1, args.batch, args, impls)

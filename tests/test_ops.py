@@ -28,7 +28,7 @@ def make_case(n_v, n_u, d_v, d_u, B, degrees, seed=0, dtype=torch.float32, sourc
 
 
 def fast_impls(d_v, d_u):
-    return ["csr", "blocked", "auto"] if d_v == d_u == 1 else ["blocked", "auto"]
+    return ["csr", "blocked", "auto"] if d_v == 1 else ["blocked", "auto"]
 
 
 rng0 = np.random.default_rng(1)
@@ -60,7 +60,7 @@ CASES = {
 
 def chunked(impl, d_v, d_u):
     """Whether `impl` runs the chunked blocked kernel (then it is also tested with tiny chunks)."""
-    return impl == "blocked" or (impl == "auto" and not d_v == d_u == 1)
+    return impl == "blocked" or (impl == "auto" and d_v != 1)
 
 
 def params(cases):
@@ -85,8 +85,9 @@ def _close(a, b, rtol):
 
 @pytest.mark.parametrize("name,impl,tiny_chunks", list(params(CASES)))
 def test_matches_reference_float32(name, impl, tiny_chunks, monkeypatch):
-    if tiny_chunks:  # chunks of one row (and several chunks per degree group)
+    if tiny_chunks:  # chunks of one row (several per degree group), outputs scattered per chunk
         monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
+        monkeypatch.setattr(K, "_WS_CACHE_MAX", 16)
     n_v, n_u, d_v, d_u, B, deg, src = CASES[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, sources=src)
     gz = torch.randn(n_v, d_v, B)
@@ -120,6 +121,7 @@ GRADCHECK = {
 def test_gradcheck_float64(name, impl, tiny_chunks, monkeypatch):
     if tiny_chunks:
         monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
+        monkeypatch.setattr(K, "_WS_CACHE_MAX", 16)
     n_v, n_u, d_v, d_u, B, deg, src = GRADCHECK[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, dtype=torch.float64, sources=src)
     y.requires_grad_(True)
@@ -166,7 +168,7 @@ def _saved_numels(impl, y, w, csr):
     return z, sizes
 
 
-@pytest.mark.parametrize("d_v,d_u,B", [(1, 1, 64), (16, 16, 32), (8, 2, 16), (2, 8, 16)])
+@pytest.mark.parametrize("d_v,d_u,B", [(1, 1, 64), (16, 16, 32), (8, 2, 16), (2, 8, 16), (1, 8, 16), (16, 16, 2)])
 def test_no_gathered_tensor_saved(d_v, d_u, B):
     """Fast paths save only y and w (plus O(m) index data): never an [m, d, B] gathered tensor."""
     n = 64
@@ -212,7 +214,7 @@ def test_deterministic(impl):
 
 def test_auto_choice_and_errors():
     y, w, csr = make_case(5, 5, 2, 2, 3, np.full(5, 2))
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="d_v = 1"):
         aggregate(y, w, csr, "csr")
     with pytest.raises(ValueError, match="unknown"):
         aggregate(y, w, csr, "nope")
@@ -241,8 +243,16 @@ def test_csr_caches_structures():
                 assert torch.equal(g.rows, torch.arange(g.r0, g.r0 + g.rows.numel()))
             covered.append(g.rows)
         assert torch.equal(torch.cat(covered).sort().values, torch.arange(20))
-    i32 = csr.indices32()
-    assert i32[0].dtype == torch.int32 and torch.equal(i32[1].long(), csr.col)
+    for d_u in (1, 3):  # the scalar matrix [n_v, n_u * d_u] of d_v = 1 targets, and its transpose
+        x = csr.scalar_expansion(d_u)
+        assert x is csr.scalar_expansion(d_u) and x.col.dtype == torch.int32
+        vals = torch.arange(csr.nnz * d_u, dtype=torch.float64)
+        A = K._csr_tensor(x.indptr, x.col, vals, (x.n_rows, x.n_cols)).to_dense()
+        At = K._csr_tensor(x.t_indptr, x.t_col, vals[x.perm.long()], (x.n_cols, x.n_rows))
+        assert torch.equal(At.to_dense(), A.t())
+        w = vals.view(-1, 1, d_u)
+        for e in range(csr.nnz):
+            assert torch.equal(A[csr.row[e], csr.col[e] * d_u:(csr.col[e] + 1) * d_u], w[e, 0])
 
 
 def test_non_contiguous_inputs():

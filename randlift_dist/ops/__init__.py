@@ -6,19 +6,22 @@ described by a `CSR` (row pointer over targets, `row` and `col` per edge).
 
 Implementations, selected by `aggregate(..., impl=...)`:
 - `reference`: plain torch ops under autograd (gathers `[m, d_u, B]`); the ground truth in tests.
-- `csr`: scalar vertices (`d_u = d_v = 1`): torch (MKL) CSR SpMM forward into an uninitialised
-  output; backward is an SpMM with the cached transposed structure for the input and a sampled
-  dense-dense product (`sampled_addmm`) for the weights. Indices cached as int32.
+- `csr`: scalar target vertices (`d_v = 1`; any `d_u`, the usual case being scalar vertices
+  `d_u = d_v = 1`): the weights are the values of a scalar CSR matrix `[n_v, n_u * d_u]`; torch
+  (MKL) CSR SpMM forward into an uninitialised output; backward is an SpMM with the cached
+  transposed structure for the input and a sampled dense-dense product (`sampled_addmm`) for
+  the weights. Indices cached as int32.
 - `blocked`: any dims. Target rows are grouped by in-degree k (cached on the CSR); for a chunk of
   c rows with k edges, the sources are gathered into `[c, k*d_u, B]` and the weight blocks laid
   side by side as `[c, d_v, k*d_u]`, so one batched GEMM per chunk computes the sums over edges:
   no scatter-add, no `[m, d_v, B]` message tensor. The input gradient is the same kernel on the
   transposed structure (sources grouped by out-degree), the weight gradient one batched GEMM per
-  chunk of rows. All three are deterministic. Gathers are recomputed chunk by chunk in the
+  chunk of rows. All three are deterministic on CPU. Gathers are recomputed chunk by chunk in the
   backward, so only y and w are saved. For small batches (B * max(d) < d_v * d_u, e.g. B < 16
   at d = 16) the weights dominate: the forward and the weight gradient then stream them in row
   order, edge by edge, summing each row's messages with a 0/1 CSR SpMM.
-`auto` picks `csr` for scalar vertices on CPU and `blocked` otherwise.
+`auto` picks `csr` for scalar targets (`d_v = 1`) on CPU and `blocked` otherwise (on GPUs the
+CSR path is untested so far).
 
 Measurements and what was tried: `bench/kernels.py` (module doc).
 """

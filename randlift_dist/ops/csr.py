@@ -5,10 +5,12 @@ structure (the structure is static for the whole run, so this is setup cost, pai
 
 - `transposed()`: the edges sorted by source (row pointer over sources, target of each edge, and
   the permutation to our edge order), for the input-gradient SpMM;
-- `indices32()`: int32 copies of the (transposed) row pointers and column indices for torch's
-  MKL CSR kernels, which otherwise convert int64 indices to int32 on every call;
 - `degree_groups(transposed)`: the rows (or sources) grouped by their number of edges, used by
-  the blocked kernel to turn the sparse product into one batched matmul per group.
+  the blocked kernel to turn the sparse product into one batched matmul per group;
+- `scalar_expansion(d_u)`: for targets of dimension 1, the scalar CSR matrix
+  `[n_rows, n_cols * d_u]` whose values are the flat weights `[m, 1, d_u]`, and its transpose,
+  with int32 indices (torch's MKL CSR kernels convert int64 indices to int32 on every call);
+  about 12 bytes per scalar weight.
 """
 
 from __future__ import annotations
@@ -39,8 +41,50 @@ class DegreeGroups:
 
     groups: tuple[DegreeGroup, ...]
     n_empty: int
+    empty_rows: torch.Tensor  # int64 [n_empty], the rows without edges
     inv: torch.Tensor  # int64 [n_rows]
     identity: bool
+
+
+@dataclass(frozen=True)
+class ScalarExpansion:
+    """Index arrays of the scalar CSR matrix `[n_rows, n_cols]` (`n_cols` = sources * d_u) with
+    one entry per (edge, u), in the order of `w.reshape(-1)` for `w` of shape `[m, 1, d_u]`; and
+    of its transpose, whose values are `w.reshape(-1)[perm]`."""
+
+    n_rows: int
+    n_cols: int
+    indptr: torch.Tensor
+    col: torch.Tensor
+    t_indptr: torch.Tensor
+    t_col: torch.Tensor
+    perm: torch.Tensor
+
+
+def _small_index(t: torch.Tensor, limit: int) -> torch.Tensor:
+    return t.to(torch.int32) if limit < 2**31 - 1 else t
+
+
+def _scalar_expansion(csr: "CSR", d_u: int) -> ScalarExpansion:
+    t_indptr, t_row, perm = csr.transposed()
+    m, dev = csr.nnz, csr.col.device
+    n_cols = csr.n_cols * d_u
+    limit = max(m * d_u, n_cols, csr.n_rows)
+    if d_u == 1:
+        arrays = (csr.indptr, csr.col, t_indptr, t_row, perm)
+        return ScalarExpansion(csr.n_rows, n_cols, *(_small_index(t, limit) for t in arrays))
+    ar = torch.arange(d_u, device=dev)
+    col = (csr.col.unsqueeze(1) * d_u + ar).reshape(-1)
+    # transposed: expanded column (i, u) holds the targets of source i's edges, for every u
+    out_deg = (t_indptr[1:] - t_indptr[:-1]).repeat_interleave(d_u)  # per expanded column
+    x_indptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(out_deg, 0, out=x_indptr[1:])
+    q_col = torch.repeat_interleave(torch.arange(n_cols, device=dev), out_deg)  # column of entry q
+    base = t_indptr[q_col // d_u] + (torch.arange(m * d_u, device=dev) - x_indptr[q_col])
+    x_col = t_row[base]
+    x_perm = perm[base] * d_u + q_col % d_u
+    return ScalarExpansion(csr.n_rows, n_cols, *(_small_index(t, limit) for t in
+                                                  (csr.indptr * d_u, col, x_indptr, x_col, x_perm)))
 
 
 def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
@@ -61,7 +105,7 @@ def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
     identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    return DegreeGroups(tuple(groups), n_empty, inv, identity)
+    return DegreeGroups(tuple(groups), n_empty, order[:n_empty], inv, identity)
 
 
 class CSR:
@@ -84,8 +128,8 @@ class CSR:
         self.indptr = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=row.device)
         torch.cumsum(counts, 0, out=self.indptr[1:])
         self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._i32: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._groups: dict[bool, DegreeGroups] = {}
+        self._expansions: dict[int, ScalarExpansion] = {}
 
     @property
     def nnz(self) -> int:
@@ -101,20 +145,17 @@ class CSR:
             self._t = (t_indptr, self.row[perm], perm)
         return self._t
 
-    def indices32(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(indptr, col)` as int32 (of the transposed structure if asked), or int64 if too large."""
-        if transposed not in self._i32:
-            indptr, col = (self.transposed()[:2] if transposed else (self.indptr, self.col))
-            if max(self.nnz, self.n_rows, self.n_cols) < 2**31 - 1:
-                indptr, col = indptr.to(torch.int32), col.to(torch.int32)
-            self._i32[transposed] = (indptr, col)
-        return self._i32[transposed]
-
     def degree_groups(self, transposed: bool = False) -> DegreeGroups:
         """Targets (or, transposed, sources) grouped by in- (out-) degree; see `DegreeGroups`."""
         if transposed not in self._groups:
             self._groups[transposed] = _degree_groups(self.transposed()[0] if transposed else self.indptr)
         return self._groups[transposed]
+
+    def scalar_expansion(self, d_u: int) -> ScalarExpansion:
+        """The scalar CSR matrix of a base edge with 1-dimensional targets; see `ScalarExpansion`."""
+        if d_u not in self._expansions:
+            self._expansions[d_u] = _scalar_expansion(self, d_u)
+        return self._expansions[d_u]
 
     def to(self, device: torch.device | str) -> "CSR":
         if self.row.device == torch.device(device):
