@@ -47,6 +47,7 @@ class ModelConfig:
                      factory=lambda: {"builder": "mlp", "in_dim": 4, "hidden_dims": [4, 4], "out_dim": 1,
                                       "activation": "tanh"})
     lift: LiftConfig = doc("the lift of the base network", factory=LiftConfig)
+    out_dim: int | None = doc("readout width (null: the output vertices' dimension, when they agree)", None)
     weight_seed: int = doc("seed of the initial weights", 0)
     weight_scale: float | None = doc("std of initial edge weights (null: 1/sqrt(expected fan-in))", None)
     readout_scale: Literal["sum", "mean", "sqrt"] = doc("readout normalisation c: 1, 1/N or 1/sqrt(N)", "sqrt")
@@ -176,6 +177,11 @@ class Config:
             base = BaseGraph.from_dict(self.model.base)
         except GraphError as err:
             raise ConfigError(f"model.base: {err}") from None
+        dims = sorted({base.dim(t) for t in base.outputs})
+        if self.model.out_dim is None and len(dims) > 1:
+            raise ConfigError(f"model.out_dim is null but the output vertices have dims {dims}: set model.out_dim")
+        if self.model.out_dim is not None and self.model.out_dim <= 0:
+            raise ConfigError(f"model.out_dim={self.model.out_dim}: must be > 0")
         try:
             random_sparse_lift(base, self.model.lift.size, self.model.lift.degree, self.model.lift.seed,
                                self.model.lift.law, self.model.lift.block_size)

@@ -130,8 +130,7 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
     base = BaseGraph.from_dict(cfg.model.base)
     m = cfg.model
     lift = random_sparse_lift(base, m.lift.size, m.lift.degree, m.lift.seed, m.lift.law, m.lift.block_size)
-    out_dims = {base.dim(t) for t in base.outputs}
-    out_dim = out_dims.pop() if len(out_dims) == 1 else max(out_dims)
+    out_dim = m.out_dim if m.out_dim is not None else base.dim(base.outputs[0])  # dims agree (validated)
     shard = Shard.create(lift, layout, cfg.parallel.partition, cfg.parallel.exchange, cfg.parallel.allgather_threshold)
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     net = LiftedNetwork(base, lift, out_dim=out_dim, readout_scale=m.readout_scale, weight_scale=m.weight_scale,
