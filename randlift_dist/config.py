@@ -34,9 +34,10 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 
 @dataclass
 class LiftConfig:
-    size: int = doc("fibre size s of every hidden and output vertex", 64)
+    size: int | dict = doc("fibre size s of every hidden and output vertex (or a mapping vertex: size)", 64)
     degree: Any = doc("average degree per base edge (number, or mapping 'u->v': degree)", 4)
-    law: Literal["bernoulli", "fixed_degree"] = doc("edge law of the random sparse lift", "bernoulli")
+    law: Literal["bernoulli", "fixed_degree", "full"] = doc(
+        "edge law: the random sparse lift's (bernoulli, fixed_degree) or the fully-connected lift (full)", "bernoulli")
     seed: int = doc("seed of the lifted graph (its edges)", 0)
     block_size: int = doc("targets per sampling block (part of the lift's definition)", 512)
 
@@ -138,7 +139,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-field checks that do not need the world size."""
-        positive = {"model.lift.size": self.model.lift.size, "model.lift.block_size": self.model.lift.block_size,
+        positive = {"model.lift.block_size": self.model.lift.block_size,
                     "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
                     "train.log_every": self.train.log_every, "parallel.lift_parallel": self.parallel.lift_parallel,
                     "data.n_train": self.data.n_train, "data.teacher_size": self.data.teacher_size,
@@ -170,21 +171,30 @@ class Config:
         return self
 
     def _check_base(self) -> None:
-        from .graph import BaseGraph, GraphError
-        from .lift import LiftError, random_sparse_lift
-
-        try:
-            base = BaseGraph.from_dict(self.model.base)
-        except GraphError as err:
-            raise ConfigError(f"model.base: {err}") from None
+        base, _ = self.build_lift()
         dims = sorted({base.dim(t) for t in base.outputs})
         if self.model.out_dim is None and len(dims) > 1:
             raise ConfigError(f"model.out_dim is null but the output vertices have dims {dims}: set model.out_dim")
         if self.model.out_dim is not None and self.model.out_dim <= 0:
             raise ConfigError(f"model.out_dim={self.model.out_dim}: must be > 0")
+
+    def build_lift(self):
+        """`(base, lift)` of `model.base` and `model.lift`: the one place a config becomes a lift
+        (the trainer and `python -m randlift_dist.partition` both call it)."""
+        from .graph import BaseGraph, GraphError
+        from .lift import LiftError, fully_connected_lift, random_sparse_lift
+
         try:
-            random_sparse_lift(base, self.model.lift.size, self.model.lift.degree, self.model.lift.seed,
-                               self.model.lift.law, self.model.lift.block_size)
+            base = BaseGraph.from_dict(self.model.base)
+        except GraphError as err:
+            raise ConfigError(f"model.base: {err}") from None
+        lc = self.model.lift
+        if isinstance(lc.size, int) and lc.size <= 0:
+            raise ConfigError(f"model.lift.size={lc.size}: a lift size must be a positive integer")
+        try:
+            if lc.law == "full":
+                return base, fully_connected_lift(base, lc.size, lc.block_size)
+            return base, random_sparse_lift(base, lc.size, lc.degree, lc.seed, lc.law, lc.block_size)
         except LiftError as err:
             raise ConfigError(f"model.lift: {err}") from None
 

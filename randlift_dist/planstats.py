@@ -33,65 +33,24 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .comm import ALLGATHER_THRESHOLD, MODES, EdgePlan, choose_mode, split_edges
-from .graph import BaseGraph, Edge, GraphError
-from .lift import Lift, LiftError, fully_connected_lift, random_sparse_lift
+from .config import ConfigError, load_config
+from .graph import Edge, GraphError
+from .lift import Lift, LiftError
 from .partition import STRATEGIES, PartitionError, make_partition
 
 MAX_CACHED_EDGES = 1 << 22  # lifted edges of one base edge sampled at once (about 100 MB peak)
 
 
-class ConfigError(ValueError):
-    """The config file cannot give a lift; the message names the key or value and the fix."""
-
-
-# ---------------------------------------------------------------- config (to be replaced)
-_LIFT_KEYS = {"size", "degree", "law", "seed", "block_size"}
-
-
 def lift_from_config_file(path: str) -> Lift:
-    """The lift of a YAML config: `model.base` (a `BaseGraph.from_dict` mapping) and `model.lift`
-    (`size`, `degree`, optional `law` = bernoulli, `seed` = 0, `block_size` = 512)."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist: pass --config with the path of a YAML file") from None
-    except OSError as err:
-        raise ConfigError(f"config file {path!r} cannot be read ({err.strerror}): pass a readable YAML file") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"config file {path!r} is not valid YAML{at}: fix the syntax there") from None
-    model = cfg.get("model") if isinstance(cfg, Mapping) else None
-    if not isinstance(model, Mapping):
-        raise ConfigError(f"config file {path!r} has no 'model' mapping: add model.base and model.lift")
-    for key in ("base", "lift"):
-        if not isinstance(model.get(key), Mapping):
-            raise ConfigError(f"config file {path!r} has no 'model.{key}' mapping: add it "
-                              + ("(vertices/edges, or {builder: mlp, ...})" if key == "base" else "(size, degree)"))
-    spec = model["lift"]
-    unknown = set(spec) - _LIFT_KEYS
-    if unknown:
-        raise ConfigError(f"model.lift has unknown keys {sorted(unknown)}: allowed are {sorted(_LIFT_KEYS)}")
-    law = spec.get("law", "bernoulli")
-    needed = ("size",) if law == "full" else ("size", "degree")
-    for key in needed:
-        if key not in spec:
-            raise ConfigError(f"model.lift.{key} is missing: set it in {path!r}")
-    base = BaseGraph.from_dict(model["base"])
-    if law == "full":
-        return fully_connected_lift(base, spec["size"], spec.get("block_size", 512))
-    return random_sparse_lift(base, spec["size"], spec["degree"], spec.get("seed", 0), law,
-                              spec.get("block_size", 512))
+    """The lift a training config file describes, built exactly as the trainer builds it."""
+    return load_config(path).build_lift()[1]
 
 
 # ---------------------------------------------------------------- statistics

@@ -116,8 +116,6 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
     """Train with `cfg` on `layout`; returns the final metrics (same on every rank)."""
     from .data import Batches, build_dataset
     from .engine import build_engine
-    from .graph import BaseGraph
-    from .lift import random_sparse_lift
     from .metrics import MetricsSink, peak_memory_mb, reduce_over_ranks
     from .model import LiftedNetwork
     from .partition import Shard
@@ -127,9 +125,8 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    base = BaseGraph.from_dict(cfg.model.base)
     m = cfg.model
-    lift = random_sparse_lift(base, m.lift.size, m.lift.degree, m.lift.seed, m.lift.law, m.lift.block_size)
+    base, lift = cfg.build_lift()
     out_dim = m.out_dim if m.out_dim is not None else base.dim(base.outputs[0])  # dims agree (validated)
     shard = Shard.create(lift, layout, cfg.parallel.partition, cfg.parallel.exchange, cfg.parallel.allgather_threshold)
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32

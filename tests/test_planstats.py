@@ -193,15 +193,13 @@ def test_cli_json_and_table(tmp_path):
 
 
 @pytest.mark.parametrize("body, args, expect", [
-    (None, ["--world-size", "2"], "does not exist"),
-    ("model: {base: {builder: mlp, in_dim: 1, hidden_dims: [2], out_dim: 1}}\n", ["--world-size", "2"],
-     "model.lift"),
-    ("model:\n  base: {builder: mlp, in_dim: 1, hidden_dims: [2], out_dim: 1}\n  lift: {size: 10}\n",
-     ["--world-size", "2"], "model.lift.degree is missing"),
+    (None, ["--world-size", "2"], "no such file"),
     ("model:\n  base: {builder: mlp, in_dim: 1, hidden_dims: [2], out_dim: 1}\n"
-     "  lift: {size: 10, degree: 2, sise: 3}\n", ["--world-size", "2"], "unknown keys ['sise']"),
+     "  lift: {size: 10, degree: 2, sise: 3}\n", ["--world-size", "2"], "model.lift.sise"),
     ("model:\n  base: {builder: mlp, in_dim: 1, hidden_dims: [2], out_dim: 1}\n  lift: {size: -1, degree: 2}\n",
-     ["--world-size", "2"], "lift size -1"),
+     ["--world-size", "2"], "model.lift.size=-1"),
+    ("model:\n  base: {builder: mlp, in_dim: 1, hidden_dims: [2], out_dim: 1}\n  lift: {size: 10, degree: 0}\n",
+     ["--world-size", "2"], "degree 0"),
     ("model: [1, 2\n", ["--world-size", "2"], "not valid YAML"),
     (CONFIG, ["--world-size", "0"], "--world-size 0"),
     (CONFIG, ["--world-size", "two"], "--world-size"),
@@ -217,5 +215,15 @@ def test_cli_errors(tmp_path, capsys, body, args, expect):
 
 
 def test_config_error_type(tmp_path):
-    with pytest.raises(ConfigError, match="no 'model' mapping"):
-        lift_from_config_file(_write(tmp_path, "train: {steps: 3}\n"))
+    with pytest.raises(ConfigError, match="modle"):
+        lift_from_config_file(_write(tmp_path, "modle: {}\n"))
+
+
+def test_same_lift_as_the_trainer(tmp_path):
+    """A training config (defaults included) gives the trainer's lift: the same fingerprint."""
+    from randlift_dist.config import load_config
+
+    path = _write(tmp_path, "train: {steps: 3}\n")
+    assert lift_from_config_file(path).fingerprint() == load_config(path).build_lift()[1].fingerprint()
+    full = _write(tmp_path, CONFIG.replace("seed: 2", "law: full"), "full.yaml")
+    assert lift_from_config_file(full).law == "full"
