@@ -10,7 +10,7 @@ Layout on disk (`<run.dir>/checkpoints/`):
 
 Every row of every tensor is stored with its global key (edge rows: `dst * n_u + src`; vertex
 rows: the index in the fibre), so a checkpoint loads on any lift-parallel or data-parallel size:
-each rank picks its rows by key (`export.select_rows`). Atomicity: everything is written into
+each rank reads only its rows, by key, from memory-mapped shards. Atomicity: everything is written into
 `step_N.tmp/`, then renamed to `step_N/` and only then is `latest` replaced (write + rename), so a
 crash while saving never leaves a half-written checkpoint as the latest. Resuming with another
 lift (base, size, degree, law, seed, block size) or other initial weights is refused.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .export import row_keys, select_rows
+from .export import row_keys
 
 
 class CheckpointError(ValueError):
@@ -116,42 +116,58 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def _load_global(path: Path, meta: dict) -> dict[str, dict[str, Any]]:
-    """All shards merged: {name: {keys (sorted), value, moments}} in global key order."""
-    parts = [torch.load(Path(path) / f, map_location="cpu", weights_only=True) for f in meta["shards"]]
-    out = {}
-    for name in parts[0]:
-        keys = np.concatenate([p[name]["keys"].numpy() for p in parts])
-        order = torch.from_numpy(np.argsort(keys, kind="stable"))
-        out[name] = {"keys": keys[order.numpy()],
-                     "value": torch.cat([p[name]["value"] for p in parts])[order],
-                     "moments": {k: torch.cat([p[name]["moments"][k] for p in parts])[order]
-                                 for k in parts[0][name]["moments"]}}
+def _select_mine(path: Path, meta: dict, net) -> dict[str, dict[str, Any]]:
+    """This rank's rows of every saved tensor: `{name: {value, moments}}` in parameter row order.
+
+    Shard files are memory-mapped and only the rows this rank holds are read, so loading costs
+    O(saved keys of one shard + own rows) at a time, whatever the number of saved shards.
+    """
+    mine = row_keys(net)
+    out: dict[str, dict[str, Any]] = {name: {"value": None, "moments": {}} for name in mine}
+    found = {name: np.zeros(keys.size, dtype=bool) for name, keys in mine.items()}
+    for f in meta["shards"]:
+        part = torch.load(Path(path) / f, map_location="cpu", weights_only=True, mmap=True)
+        for name, keys in mine.items():
+            if name not in part:
+                raise CheckpointError(f"checkpoint {path} has no tensor {name!r}: it was written for another "
+                                      "network; use a new run.dir or train.resume=none")
+            saved = part[name]["keys"].numpy()
+            order = np.argsort(saved, kind="stable")
+            pos = np.minimum(np.searchsorted(saved[order], keys), max(saved.size - 1, 0))
+            hit = saved[order][pos] == keys if saved.size else np.zeros(keys.size, dtype=bool)
+            if not hit.any():
+                continue
+            src = torch.from_numpy(order[pos[hit]])
+            dst = torch.from_numpy(np.flatnonzero(hit))
+            entry = out[name]
+            for key, tensor in [("value", part[name]["value"])] + list(part[name]["moments"].items()):
+                holder = entry if key == "value" else entry["moments"]
+                if holder.get(key) is None:
+                    holder[key] = tensor.new_zeros((keys.size,) + tuple(tensor.shape[1:]))
+                holder[key][dst] = tensor[src]
+            found[name] |= hit
+    for name, hit in found.items():
+        if not hit.all():
+            raise CheckpointError(f"checkpoint {path} lacks {int((~hit).sum())} rows of {name!r}: it was written "
+                                  "for a different lift; use a new run.dir or train.resume=none")
     return out
 
 
 def load_weights(path: Path, cfg, lift, net) -> tuple[int, dict]:
     """Put the checkpoint's weights into this rank's parameters (before the engine is built).
 
-    Returns the step and the merged global state (for `load_moments`).
+    Returns the step and this rank's saved rows (for `load_moments`).
     """
     meta = read_meta(path)
     check_compatible(meta, cfg, lift, path)
-    state = _load_global(path, meta)
-    keys = {k: v["keys"] for k, v in state.items()}
-    mine = select_rows(net, keys, {k: v["value"] for k, v in state.items()})
+    state = _select_mine(path, meta, net)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            p.copy_(mine[name].to(p.dtype))
+            p.copy_(state[name]["value"].to(p.dtype))
     return int(meta["step"]), state
 
 
 def load_moments(state: dict, step: int, engine) -> None:
     """Put the checkpoint's optimizer moments into the engine (after it is built)."""
-    net = engine.net
-    names = list(state)
-    keys = {k: state[k]["keys"] for k in names}
-    moment_names = sorted({m for k in names for m in state[k]["moments"]})
-    per_moment = {m: select_rows(net, keys, {k: state[k]["moments"][m] for k in names}) for m in moment_names}
-    for name, p in net.named_parameters():
-        engine.load_moments(p, {m: per_moment[m][name] for m in moment_names}, step)
+    for name, p in engine.net.named_parameters():
+        engine.load_moments(p, state[name]["moments"], step)

@@ -3,8 +3,8 @@
 Every tensor of a `LiftedNetwork` is a set of rows with global keys: edge rows are keyed by the
 lifted edge `(src, dst)`, bias and readout rows by the vertex index in its fibre. The canonical
 global order is the world-size-1 order: edges sorted by `(dst, src)`, vertices by index. These
-helpers move per-rank rows to that order (gather) and back (select), so tests can compare a shard
-with one process and checkpoints can be resharded.
+helpers move per-rank rows to that order, so tests can compare a shard with one process; checkpoints
+store the same keys (`checkpoint.py`) and so can be resharded.
 """
 
 from __future__ import annotations
@@ -63,21 +63,3 @@ def gather_network(net, grads: bool = False) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"no gradient yet for {missing}: run a backward pass first")
     return {k: v for k, (_, v) in gather_rows(net, tensors).items()}
-
-
-def select_rows(net, global_keys: dict[str, np.ndarray], global_rows: dict[str, torch.Tensor]
-                ) -> dict[str, torch.Tensor]:
-    """The rows this rank holds, picked from global `(keys, rows)` by key (resharding)."""
-    mine = row_keys(net)
-    out = {}
-    for k, keys in mine.items():
-        if k not in global_keys:
-            raise KeyError(f"no rows for parameter {k!r} in the saved state")
-        gk = global_keys[k]
-        pos = np.searchsorted(gk, keys)
-        pos = np.minimum(pos, max(gk.size - 1, 0))
-        if gk.size == 0 and keys.size or (keys.size and not np.array_equal(gk[pos], keys)):
-            raise ValueError(f"saved rows of {k!r} do not match this lift's rows: "
-                             "the checkpoint was written for a different lift")
-        out[k] = global_rows[k][torch.from_numpy(pos)]
-    return out
