@@ -57,7 +57,7 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int) -> Path:
                          "moments": {k: v.detach().float().cpu().clone() for k, v in engine.moments(p).items()}}
     if layout.data_rank == 0:
         torch.save(entries, tmp / f"shard_{layout.lift_rank:04d}.pt")
-    if getattr(cfg.checkpoint, "deepspeed_files", False) and engine.name == "deepspeed":
+    if cfg.checkpoint.deepspeed_files and engine.name == "deepspeed":
         engine.save_native(str(tmp / "ds"))
     _barrier(layout)
     if layout.rank == 0:

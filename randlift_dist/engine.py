@@ -51,6 +51,21 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+def require_deepspeed() -> None:
+    """Fail with a config error, before any process group, when DeepSpeed cannot be imported."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
+                          "pip install deepspeed, or set parallel.engine=torch") from None
+
+
+def torch_moments(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, name: str) -> dict[str, torch.Tensor]:
+    """A torch optimizer's moments of one parameter (absent ones, like SGD's without momentum, left out)."""
+    st = optimizer.state.get(p, {})
+    return {k: st[k] for k in MOMENT_KEYS[name] if st.get(k) is not None}
+
+
 def set_torch_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, moments: dict[str, torch.Tensor],
                     step: int, name: str) -> None:
     """Restore a torch optimizer's per-parameter state (moments, and Adam's step count)."""
@@ -132,7 +147,7 @@ class Engine:
         """The full-precision value of a parameter (what checkpoints store)."""
         return p.detach()
 
-    # engines implement: train_step, moments / load_moments, optimizer_params, save_native, load_native
+    # engines implement: train_step, moments, load_moments
 
 
 class TorchEngine(Engine):
@@ -171,17 +186,10 @@ class TorchEngine(Engine):
         return {"loss": self.replica_mean(loss.item()), "grad_norm": norm, "lr": lr}
 
     def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
-        st = self.optimizer.state.get(p, {})
-        return {k: st[k] for k in MOMENT_KEYS[self.cfg.train.optimizer] if k in st and st[k] is not None}
+        return torch_moments(self.optimizer, p, self.cfg.train.optimizer)
 
     def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
         set_torch_state(self.optimizer, p, moments, step, self.cfg.train.optimizer)
-
-    def save_native(self, path: str) -> None:
-        pass  # the layout-independent checkpoint holds everything the torch engine needs
-
-    def load_native(self, path: str) -> bool:
-        return False
 
 
 class DeepSpeedEngine(Engine):
@@ -189,11 +197,9 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, net, cfg: Config, layout: Layout):
         super().__init__(net, cfg, layout)
-        try:
-            import deepspeed
-        except ImportError as err:
-            raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
-                              "pip install deepspeed, or set parallel.engine=torch") from None
+        require_deepspeed()
+        import deepspeed
+
         if not dist.is_initialized():
             raise RuntimeError("the DeepSpeed engine needs a process group: build the Layout with "
                                "Layout.create(..., need_group=True)")
@@ -232,14 +238,12 @@ class DeepSpeedEngine(Engine):
         return self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.precision == "bf16"
 
     def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
-        keys = MOMENT_KEYS[self.cfg.train.optimizer]
-        if self._fragment_api():
-            from deepspeed.utils import safe_get_full_optimizer_state
+        if not self._fragment_api():  # stage 0, fp32: the client torch optimizer itself
+            return torch_moments(self.engine.optimizer, p, self.cfg.train.optimizer)
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-            out = {k: safe_get_full_optimizer_state(p, k) for k in keys}
-            return {k: v for k, v in out.items() if v is not None}
-        st = self.engine.optimizer.state.get(p, {})
-        return {k: st[k] for k in keys if k in st}
+        out = {k: safe_get_full_optimizer_state(p, k) for k in MOMENT_KEYS[self.cfg.train.optimizer]}
+        return {k: v for k, v in out.items() if v is not None}
 
     def master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 master copy of a parameter (bf16 / ZeRO keep it apart from the module's)."""
@@ -277,14 +281,8 @@ class DeepSpeedEngine(Engine):
         self.engine.optimizer._lazy_init_hp_params_optimizer_state()
 
     def save_native(self, path: str) -> None:
+        """DeepSpeed's own checkpoint files (resuming always uses the layout-independent copy)."""
         self.engine.save_checkpoint(path, tag="ds", client_state={"step": self.step_count})
-
-    def load_native(self, path: str) -> bool:
-        load_path, client = self.engine.load_checkpoint(path, tag="ds")
-        if load_path is None:
-            return False
-        self.step_count = int(client["step"])
-        return True
 
 
 def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:

@@ -258,11 +258,6 @@ class Shard:
             self._pos_in_owner[v] = pos
         return self._pos_in_owner[v]
 
-    def owner_of(self, v: str, idx: np.ndarray) -> np.ndarray:
-        if self.is_input(v) or self.world_size == 1:
-            return np.full(idx.shape, self.rank, dtype=np.int32)
-        return self.owners[v][idx]
-
     def edge_layer(self, e, w: torch.Tensor, src: np.ndarray, dst: np.ndarray, impl: str):
         from .comm import build_edge_layer
 

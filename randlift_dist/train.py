@@ -56,11 +56,9 @@ def preflight(cfg: Config) -> None:
                           f"{dp} (world {world_size} / lift_parallel {cfg.parallel.lift_parallel}): "
                           f"use a multiple of {dp}")
     if cfg.parallel.engine == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
-                              "pip install deepspeed, or set parallel.engine=torch") from None
+        from .engine import require_deepspeed
+
+        require_deepspeed()
 
 
 def lift_statistics(net, layout: Layout) -> dict[str, Any]:
