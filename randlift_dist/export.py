@@ -5,15 +5,32 @@ lifted edge `(src, dst)`, bias and readout rows by the vertex index in its fibre
 global order is the world-size-1 order: edges sorted by `(dst, src)`, vertices by index. These
 helpers move per-rank rows to that order, so tests can compare a shard with one process; checkpoints
 store the same keys (`checkpoint.py`) and so can be resharded.
+
+Keyed row files (`write_rows` / `read_rows`, the checkpoint shard format): per tensor, rows sorted
+by key and cut into blocks of about `block_bytes`; a block is one contiguous byte range
+`keys int64 [r] | value f32 [r, *row] | moment f32 [r, *row] ...` whose `[kmin, kmax]`, first row,
+offset and sha256 go into a JSON-able index. `read_rows` binary-searches each block's key range
+in the reader's sorted own keys and reads (and hashes) only the overlapping blocks: O(own rows +
+index), never a whole file or a whole saved key array.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def _own_rows(net, key: str) -> np.ndarray:
+    """Global fibre indices of the rows of the bias / readout parameter `v<i>` on this rank."""
+    vertex_of = getattr(net, "vertex_of", None) or net._vname
+    own = getattr(net, "own_rows", None) or net.vertices
+    return np.asarray(own(vertex_of(key)), dtype=np.int64)
 
 
 def row_keys(net) -> dict[str, np.ndarray]:
@@ -23,9 +40,9 @@ def row_keys(net) -> dict[str, np.ndarray]:
         src, dst = net.edge_index(e.key)
         keys[f"edges.{i}.weight"] = dst.numpy() * net.lift.n(e.src) + src.numpy()
     for name in net.biases:
-        keys[f"biases.{name}"] = net.vertices(net._vname(name)).numpy()
+        keys[f"biases.{name}"] = _own_rows(net, name)
     for name in net.readouts:
-        keys[f"readouts.{name}"] = net.vertices(net._vname(name)).numpy()
+        keys[f"readouts.{name}"] = _own_rows(net, name)
     return keys
 
 
@@ -45,7 +62,7 @@ def gather_rows(net, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[np.nda
     """
     keys = row_keys(net)
     mine = {k: (keys[k], t.detach().cpu()) for k, t in tensors.items()}
-    parts = _all_gather_objects(mine, net.shard.group)
+    parts = _all_gather_objects(mine, net.comm.lift_group)
     out = {}
     for k in tensors:
         ks = np.concatenate([p[k][0] for p in parts])
@@ -63,3 +80,134 @@ def gather_network(net, grads: bool = False) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"no gradient yet for {missing}: run a backward pass first")
     return {k: v for k, (_, v) in gather_rows(net, tensors).items()}
+
+
+# ---------------------------------------------------------------- keyed row files
+class RowsError(ValueError):
+    """A keyed row file cannot be read: `corrupt` (bytes damaged, truncated, missing) or not."""
+
+    def __init__(self, message: str, corrupt: bool):
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+def write_rows(path: Path, entries: dict[str, tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]],
+               block_bytes: int) -> dict[str, Any]:
+    """Write `{name: (sorted keys [n], value [n, *row] f32, {moment: [n, *row] f32})}` block by block.
+
+    Returns the file's index: `{file, bytes, sha256, params: {name: {rows, row, moments, row_bytes,
+    blocks: {start, kmin, kmax, offset, sha256}}}}`. The file is fsynced before returning.
+    """
+    whole = hashlib.sha256()
+    params: dict[str, Any] = {}
+    with open(path, "wb") as f:
+        for name, (keys, value, moments) in entries.items():
+            n, row = keys.size, list(value.shape[1:])
+            row_bytes = 8 + 4 * int(np.prod(row, dtype=np.int64)) * (1 + len(moments))
+            per = max(1, block_bytes // row_bytes)
+            blocks: dict[str, list] = {"start": [], "kmin": [], "kmax": [], "offset": [], "sha256": []}
+            for a in range(0, n, per):
+                b = min(n, a + per)
+                h = hashlib.sha256()
+                blocks["offset"].append(f.tell())
+                for part in [keys[a:b], value[a:b].numpy()] + [m[a:b].numpy() for m in moments.values()]:
+                    mv = memoryview(np.ascontiguousarray(part)).cast("B")
+                    f.write(mv)
+                    h.update(mv)
+                    whole.update(mv)
+                blocks["start"].append(a)
+                blocks["kmin"].append(int(keys[a]))
+                blocks["kmax"].append(int(keys[b - 1]))
+                blocks["sha256"].append(h.hexdigest())
+            params[name] = {"rows": n, "row": row, "moments": list(moments), "row_bytes": row_bytes,
+                            "blocks": blocks}
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    return {"file": Path(path).name, "bytes": size, "sha256": whole.hexdigest(), "params": params}
+
+
+def file_problem(f: Path, size: int) -> str | None:
+    """One line when file `f` is missing or not `size` bytes long (empty, truncated, too long)."""
+    if not f.is_file():
+        return f"{f}: missing"
+    got = f.stat().st_size
+    if got == size:
+        return None
+    return f"{f}: {'empty' if got == 0 else 'truncated' if got < size else 'too long'} ({got} bytes, expected {size})"
+
+
+class _Reader:
+    """Verified reads of blocks; each file opened once, its size checked on opening."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files = Path(folder), {}
+
+    def read(self, s: dict, offset: int, nbytes: int, digest: str, what: str) -> bytearray:
+        f = self.folder / s["file"]
+        if s["file"] not in self.files:
+            bad = file_problem(f, s["bytes"])
+            if bad:
+                raise RowsError(bad, True)
+            self.files[s["file"]] = open(f, "rb")
+        fh = self.files[s["file"]]
+        buf = bytearray(nbytes)
+        fh.seek(offset)
+        if fh.readinto(buf) != nbytes:
+            raise RowsError(f"{f}: truncated inside {what} (bytes {offset}..{offset + nbytes})", True)
+        if hashlib.sha256(buf).hexdigest() != digest:
+            raise RowsError(f"{f}: sha256 mismatch in {what} (bytes {offset}..{offset + nbytes} changed "
+                            "since they were written)", True)
+        return buf
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+
+
+def read_rows(folder: Path, shards: list[dict], keys: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """The rows with the given keys, from the files indexed by `shards` (`write_rows` indexes).
+
+    `keys`: `{name: int64 [n_own]}` in the caller's row order. Returns `{name: {"value": [n_own,
+    *row], "moments": {m: [n_own, *row]}}}` (float32, same order). Raises `RowsError` when a read
+    block is damaged (`corrupt`) or a tensor or a key is absent (not `corrupt`).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    reader = _Reader(folder)
+    try:
+        for name, mine in keys.items():
+            order = np.argsort(mine, kind="stable")
+            sk = mine[order]  # [n_own] sorted own keys; order maps them back to the caller's rows
+            per = [(s, s["params"].get(name)) for s in shards]
+            if not per or any(pm is None for _, pm in per):
+                raise RowsError(f"no tensor {name!r}", False)
+            row = tuple(per[0][1]["row"])
+            width = int(np.prod(row, dtype=np.int64))
+            value = torch.zeros((mine.size,) + row)  # [n_own, *row]
+            moments = {m: torch.zeros((mine.size,) + row) for _, pm in per for m in pm["moments"]}
+            found = np.zeros(mine.size, dtype=bool)
+            for s, pm in per:
+                bl = pm["blocks"]
+                lo = np.searchsorted(sk, np.asarray(bl["kmin"], np.int64), "left")
+                hi = np.searchsorted(sk, np.asarray(bl["kmax"], np.int64), "right")
+                for b in np.flatnonzero(hi > lo).tolist():
+                    a = bl["start"][b]
+                    r = (bl["start"][b + 1] if b + 1 < len(bl["start"]) else pm["rows"]) - a
+                    buf = reader.read(s, bl["offset"][b], r * pm["row_bytes"], bl["sha256"][b],
+                                      f"{name} rows {a}..{a + r}")
+                    bkeys = np.frombuffer(buf, np.int64, r)  # [r] sorted saved keys of the block
+                    want = sk[lo[b]:hi[b]]
+                    pos = np.minimum(np.searchsorted(bkeys, want), r - 1)
+                    hit = bkeys[pos] == want
+                    rows = order[lo[b]:hi[b]][hit]
+                    src, dst = torch.from_numpy(pos[hit]), torch.from_numpy(rows)
+                    for j, m in enumerate(["value"] + pm["moments"]):
+                        arr = np.frombuffer(buf, np.float32, r * width, 8 * r + 4 * j * r * width)
+                        (value if m == "value" else moments[m])[dst] = torch.from_numpy(arr.reshape((r,) + row))[src]
+                    found[rows] = True
+            if not found.all():
+                raise RowsError(f"{int((~found).sum())} rows of {name!r} are not in it", False)
+            out[name] = {"value": value, "moments": moments}
+    finally:
+        reader.close()
+    return out
