@@ -20,8 +20,14 @@ Implementations, selected by `aggregate(..., impl=...)`:
   backward, so only y and w are saved. For small batches (B * max(d) < d_v * d_u, e.g. B < 16
   at d = 16) the weights dominate: the forward and the weight gradient then stream them in row
   order, edge by edge, summing each row's messages with a 0/1 CSR SpMM.
-`auto` picks `csr` for scalar targets (`d_v = 1`) on CPU and `blocked` otherwise (on GPUs the
-CSR path is untested so far).
+- `triton`: Triton GPU kernels (`triton_kernels.py`, kernels in `triton_jit.py`): a gather-only
+  CSR SpMM per block of target rows for scalar vertices, a per-row `tl.dot` accumulation over the
+  in-edges for blocks; input gradient on the transposed structure, weight gradient reduced over
+  the batch inside the kernel; float32 / bfloat16 / float16 with fp32 accumulation; no atomics
+  (bitwise reproducible). CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (tests). triton
+  is imported on first use only.
+`auto` picks `triton` for CUDA tensors of those dtypes when triton imports, else `csr` for scalar
+targets (`d_v = 1`) on CPU and `blocked` otherwise.
 
 Measurements and what was tried: `bench/kernels.py` (module doc).
 """

@@ -12,7 +12,7 @@ import torch
 
 from .csr import CSR, DegreeGroups
 
-IMPLS = ("auto", "reference", "csr", "blocked")
+IMPLS = ("auto", "reference", "csr", "blocked", "triton")
 # Elements of one gathered chunk ([rows, k * d, B], and of its weight blocks) in the blocked
 # kernel. 2**21 fp32 elements is 8 MiB: the chunk is consumed by the matmul while it is still in
 # cache, and there are few enough chunks that per-op overhead stays small (measured: 2**19 to
@@ -390,8 +390,19 @@ class _Blocked(torch.autograd.Function):
 
 def aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") -> torch.Tensor:
     """`z[j] = sum_{(i->j)} w_ij @ y[i]`; y `[n_u, d_u, B]`, w `[m, d_v, d_u]` -> z `[n_v, d_v, B]`."""
-    if impl == "auto":
+    if impl == "auto":  # triton on CUDA (dtypes it supports, if it imports); else csr / blocked
         impl = "csr" if w.shape[1] == 1 and y.device.type == "cpu" else "blocked"
+        if y.device.type == "cuda":
+            from . import triton_kernels  # does not import triton itself
+
+            if y.dtype in triton_kernels.DTYPES and w.dtype == y.dtype and triton_kernels.available():
+                impl = "triton"
+    if impl == "triton":
+        from .triton_kernels import check, triton_aggregate  # imports triton only now
+
+        check(y, w)
+        if csr.nnz:
+            return triton_aggregate(y, w, csr)
     if csr.nnz == 0:
         return y.new_zeros(csr.n_rows, w.shape[1], y.shape[2]) + 0 * w.sum() + 0 * y.sum()
     if impl == "reference":
