@@ -1,44 +1,32 @@
 """Resharding checkpoints that are verified on load and read only the rows a rank holds.
 
-Layout on disk (`<run.dir>/checkpoints/`):
-
-    step_00000100/
-      shard_0000.bin ...  one per lift-parallel rank: raw blocks (below)
+    <run.dir>/checkpoints/step_00000100/
+      shard_0000.bin ...  one per lift-parallel rank: keyed row blocks (`export.write_rows`)
       ds/                 DeepSpeed's own files (engine deepspeed, checkpoint.deepspeed_files)
-      meta.json           written last: step, config, lift and data fingerprints, and per shard its
-                          size, sha256 and block index
-    latest                name of the newest checkpoint written (a hint: the newest intact one wins)
+      meta.json           written last: step, config, lift and data fingerprints; per shard its
+                          size, sha256 and block index (key range, offset, sha256 per block)
+    <run.dir>/checkpoints/latest   the newest checkpoint written (a hint: the newest intact wins)
 
-Rows: every row of every parameter is stored with its global key (edge rows `dst * n_u + src`,
-vertex rows the index in the fibre), so a checkpoint loads on any lift-parallel or data-parallel
-size. Shards are keyed row files (`export.write_rows`): rows sorted by key in blocks of about
-`BLOCK_BYTES`, each with its key range, offset and sha256 in meta.json. A rank reads and hashes
-only the blocks whose key range holds one of its keys: O(own rows + index), never a whole shard.
-
-Integrity: sha256 (hashlib, 1.9 GB/s on one core of the 2-core CPU machine at load 0.06, so a 1 GB
-checkpoint verifies in about 0.5 s; crc32 was 6.5 GB/s but only 32 bits) per block and per file,
-computed while writing. `find_intact` checks the structure (meta parses, files present, sizes
-match) and, with `verify=True`, every shard's whole-file digest, split over the ranks when given a
-layout; `load_weights` checks the digest of every block it reads. Each problem is one line naming
-the file and what is wrong; resuming falls back to the newest intact checkpoint and says which.
-Writing: into `step_N.tmp/`, fsync, meta.json last, rename to `step_N/`, then `latest`; partial
-`.tmp` directories are removed by `clean_partial` (at every save and at start). A failed write
-(disk full included) removes the partial directory on every rank and raises
-`CheckpointWriteError`; the previous checkpoints are untouched. Rotation (`keep`) deletes a
-checkpoint only when `keep` newer structurally intact ones exist.
-
-Resuming with another lift (base, sizes, degrees, law, seed, block size), other initial weights,
-another optimizer or other data (`cfg.data`, and a data file's sha256) is refused, the last
-unless `train.resume_allow_data_change` is true.
-
-Load cost (measurement recorded below; see the report of the change for the script).
+Rows carry global keys (edge rows `dst * n_u + src`, vertex rows the fibre index), sorted per
+tensor and cut into blocks of about `BLOCK_BYTES`, so a checkpoint loads on any layout and a rank
+reads and hashes only the blocks whose key range holds one of its keys: O(own rows + index).
+Integrity: sha256 per block and per file, computed while writing (hashlib: 1.9 GB/s on one core
+here, about 0.5 s per GB; crc32 was 6.5 GB/s but 32 bits). `find_intact` checks structure (meta
+parses, files present, sizes match) and, with `verify`, every whole-file digest (split over the
+ranks given a layout); `load_weights` checks every block it reads. Each problem is one line
+naming the file; resuming falls back to the newest intact checkpoint and says which.
+Writing: `step_N.tmp/`, fsync, meta.json last, rename, then `latest`. `clean_partial` removes
+`.tmp` leftovers (every save and start). A failed write (disk full included) removes the partial
+directory and raises `CheckpointWriteError` on every rank; earlier checkpoints are untouched, and
+rotation (`keep`) deletes one only when `keep` newer structurally intact ones exist.
+Resuming with another lift, initial weights, optimizer or data (`cfg.data`, a data file's sha256)
+is refused; data only unless `train.resume_allow_data_change` is true.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -50,11 +38,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .export import RowsError, file_problem, read_rows, row_keys, write_rows
+from .export import RowsError, file_problem, read_rows, row_keys, sha256_file, write_rows
 
 FORMAT = 2
 BLOCK_BYTES = 4 << 20  # target bytes per block: a 4 MiB read and hash per overlapping block
-_CHUNK = 16 << 20  # streaming read size of whole-file verification
 
 
 class CheckpointError(ValueError):
@@ -102,10 +89,8 @@ def clean_partial(root: Path) -> list[str]:
 
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 
 def _write_problem(e: BaseException, where: Path, root: Path) -> tuple[str, str]:
@@ -113,10 +98,7 @@ def _write_problem(e: BaseException, where: Path, root: Path) -> tuple[str, str]
     text = str(e)
     full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
         s in text for s in ("PytorchStreamWriter failed", "basic_ios::clear", "iostream error"))
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        free = -1
+    free = shutil.disk_usage(root).free if root.is_dir() else -1
     latest = root / "latest"
     prev = latest.read_text().strip() if latest.is_file() else "none"
     what = "disk full while writing" if full else f"cannot write ({e.__class__.__name__}: {text.splitlines()[0] if text else ''})"
@@ -146,11 +128,7 @@ def _data_fingerprint(cfg) -> dict[str, Any]:
     d = dataclasses.asdict(cfg.data)
     path = d.get("path")
     if d.get("kind") == "file" and path and Path(path).is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        d["file_sha256"] = h.hexdigest()
+        d["file_sha256"] = sha256_file(Path(path))
     return d
 
 
@@ -192,6 +170,7 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
         except (OSError, RuntimeError) as e:
             err = _write_problem(e, tmp / "ds", root)
         err = _agree(err)
+    old = root / f"{final.name}.replaced.tmp"
     if err is None and layout.rank == 0:
         try:
             meta = {"format": FORMAT, "step": step, "config": cfg.to_dict(), "lift_fingerprint": lift.fingerprint(),
@@ -203,7 +182,6 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
-            old = root / f"{final.name}.replaced.tmp"
             if final.exists():  # the same step written again: swap, then drop the old copy
                 os.replace(final, old)
             os.replace(tmp, final)
@@ -213,6 +191,8 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
             _fsync_dir(root)
         except OSError as e:
             err = _write_problem(e, tmp / "meta.json", root)
+            if old.exists() and not final.exists():
+                os.replace(old, final)
     if err is not None and layout.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (root / "latest.tmp").unlink(missing_ok=True)
@@ -226,11 +206,8 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
 
 def _steps(root: Path) -> list[Path]:
     """Finished checkpoint directories, newest step first."""
-    out = []
-    for d in Path(root).glob("step_*"):
-        if d.is_dir() and not d.name.endswith(".tmp") and d.name[5:].isdigit():
-            out.append(d)
-    return sorted(out, key=lambda d: int(d.name[5:]), reverse=True)
+    done = [d for d in Path(root).glob("step_*") if d.name[5:].isdigit() and d.is_dir()]
+    return sorted(done, key=lambda d: int(d.name[5:]), reverse=True)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -273,14 +250,11 @@ def structure_problems(path: Path, meta: dict | None = None) -> list[str]:
 
 def _file_problem(path: Path, s: dict) -> str | None:
     f = Path(path) / s["file"]
-    h = hashlib.sha256()
     try:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
+        ok = sha256_file(f) == s["sha256"]
     except OSError as e:
         return f"{f}: unreadable ({e.strerror})"
-    return None if h.hexdigest() == s["sha256"] else f"{f}: sha256 mismatch (bytes changed since it was written)"
+    return None if ok else f"{f}: sha256 mismatch (bytes changed since it was written)"
 
 
 def find_intact(root: Path, verify: bool = True, layout=None) -> tuple[Path | None, list[str]]:
@@ -317,6 +291,15 @@ def _stderr(line: str) -> None:
     print(f"randlift-train: checkpoint: {line}", file=sys.stderr, flush=True)
 
 
+def _tell(report, layout, problems: list[str], path: Path | None, why: str = "") -> None:
+    """Each problem in one line, then which checkpoint is used (rank 0 of `layout` only)."""
+    if report is None or not problems or (layout is not None and layout.rank != 0):
+        return
+    for p in problems:
+        report(p)
+    report(f"resuming from {path}{why}" if path is not None else "no intact checkpoint: starting from step 0")
+
+
 def find_latest(root: Path, verify: bool = True, layout=None, report: Callable[[str], None] | None = _stderr
                 ) -> Path | None:
     """The newest intact checkpoint (None if none); reports problems and the fallback in one line each.
@@ -326,10 +309,7 @@ def find_latest(root: Path, verify: bool = True, layout=None, report: Callable[[
     if layout is None or layout.rank == 0:
         clean_partial(root)
     path, problems = find_intact(root, verify, layout)
-    if report is not None and problems and (layout is None or layout.rank == 0):
-        for p in problems:
-            report(p)
-        report(f"resuming from {path}" if path is not None else "no intact checkpoint: starting from step 0")
+    _tell(report, layout, problems, path)
     return path
 
 
@@ -391,11 +371,9 @@ def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None
     this layout reads) are skipped with one line each; other refusals (another lift, other data)
     raise. Costs O(own rows) per rank, unlike `find_latest(verify=True)` which hashes every file.
     """
-    root = Path(root)
     if layout is None or layout.rank == 0:
         clean_partial(root)
     _agree(None)
-    speak = report if (report is not None and (layout is None or layout.rank == 0)) else (lambda line: None)
     problems: list[str] = []
     for d in _steps(root):
         bad = structure_problems(d)
@@ -405,16 +383,10 @@ def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None
             except CheckpointCorruptError as e:
                 bad = [str(e)]
             else:
-                for p in problems:
-                    speak(p)
-                if problems:
-                    speak(f"resuming from {d} (newest intact checkpoint)")
+                _tell(report, layout, problems, d, " (newest intact checkpoint)")
                 return d, step, state
         problems += bad
-    for p in problems:
-        speak(p)
-    if problems:
-        speak("no intact checkpoint: starting from step 0")
+    _tell(report, layout, problems, None)
     return None, 0, None
 
 

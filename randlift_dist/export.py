@@ -127,6 +127,15 @@ def write_rows(path: Path, entries: dict[str, tuple[np.ndarray, torch.Tensor, di
     return {"file": Path(path).name, "bytes": size, "sha256": whole.hexdigest(), "params": params}
 
 
+def sha256_file(f: Path) -> str:
+    """sha256 of a whole file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_problem(f: Path, size: int) -> str | None:
     """One line when file `f` is missing or not `size` bytes long (empty, truncated, too long)."""
     if not f.is_file():
@@ -200,10 +209,10 @@ def read_rows(folder: Path, shards: list[dict], keys: dict[str, np.ndarray]) -> 
                     pos = np.minimum(np.searchsorted(bkeys, want), r - 1)
                     hit = bkeys[pos] == want
                     rows = order[lo[b]:hi[b]][hit]
-                    src, dst = torch.from_numpy(pos[hit]), torch.from_numpy(rows)
+                    whole = rows.size == r  # every row of the block is wanted, in order: no gather
                     for j, m in enumerate(["value"] + pm["moments"]):
-                        arr = np.frombuffer(buf, np.float32, r * width, 8 * r + 4 * j * r * width)
-                        (value if m == "value" else moments[m])[dst] = torch.from_numpy(arr.reshape((r,) + row))[src]
+                        arr = np.frombuffer(buf, np.float32, r * width, 8 * r + 4 * j * r * width).reshape((r,) + row)
+                        (value if m == "value" else moments[m]).numpy()[rows] = arr if whole else arr[pos[hit]]
                     found[rows] = True
             if not found.all():
                 raise RowsError(f"{int((~found).sum())} rows of {name!r} are not in it", False)
