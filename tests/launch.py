@@ -47,3 +47,65 @@ def assert_curves_match(got: dict[int, float], ref: dict[int, float], rtol: floa
     worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
     assert worst <= rtol, f"loss curves differ by {worst:.3g} relative (> {rtol}): " + \
         ", ".join(f"{s}: {got[s]:.7g} vs {ref[s]:.7g}" for s in steps[:5])
+
+
+# ------------------------------------------------------------------ the launchers (launch/*.sh)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launcher_cmd(script: str, run_dir: Path, *overrides: str) -> list[str]:
+    """`bash launch/<script> run.dir=... run.progress=false overrides...`."""
+    return ["bash", str(REPO / "launch" / script), f"run.dir={run_dir}", "run.progress=false", *overrides]
+
+
+def launcher_env(extra: dict | None = None) -> dict:
+    """train_env with the interpreter running the tests first on PATH (the launchers call `python`)."""
+    env = train_env({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    env.update(extra or {})
+    return env
+
+
+def run_launcher(script: str, run_dir: Path, *overrides: str, env: dict | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher_cmd(script, run_dir, *overrides), env=launcher_env(env), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def partial_metrics(run_dir: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl that may be being written (a torn last line is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+def _cmdline(pid: int | str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def trainer_workers(run_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers training in `run_dir`: processes running the trainer
+    whose parent (the torchrun agent) runs it too."""
+    found = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        cmd = _cmdline(p.name)
+        if "randlift_dist.train" not in cmd or f"run.dir={run_dir}" not in cmd:
+            continue
+        try:
+            ppid = int(Path(f"/proc/{p.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{p.name}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if "randlift_dist.train" not in _cmdline(ppid):
+            continue
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            found[rank] = int(p.name)
+    return found
