@@ -116,13 +116,13 @@ class Probe:
 
 
 # ---------------------------------------------------------------- what a shard holds
-def held_breakdown(model, shard) -> dict:
+def held_breakdown(model, plan) -> dict:
     """Bytes of the arrays a built shard keeps, split into per-edge and per-whole-fibre ones.
 
-    Per-fibre (O(n_v) on every rank, whatever P): `shard.owners`, `local_pos`, `pos_in_owner`
-    and any `own` that is the whole fibre (inputs, P = 1). Everything else (weights, edge
-    indices, CSR structures, exchange plans, biases and readout rows of owned vertices) is
-    O(edges / P) or O(vertices / P). Shared storage (torch.from_numpy views) is counted once.
+    Per-fibre (O(n_v) on every rank, whatever P): per-vertex owner arrays (the `graph` and
+    `random` partitions; `block` keeps P + 1 boundaries) and their position caches. Everything else
+    (weights, CSR structures, the plan's index arrays, biases and readout rows of owned vertices)
+    is O(edges / P) or O(vertices / P). Shared storage (torch.from_numpy views) is counted once.
     """
     seen: set[int] = set()
 
@@ -143,29 +143,21 @@ def held_breakdown(model, shard) -> dict:
         seen.add(key)
         return size
 
-    lift = shard.lift
     per_fibre = 0
-    for v, a in shard.owners.items():
-        per_fibre += nbytes(a)
-    for cache in (shard._pos, shard._pos_in_owner):
-        for a in cache.values():
-            per_fibre += nbytes(a)
-    for v, a in shard._own.items():
-        if a.size == lift.n(v):
-            per_fibre += nbytes(a)
+    for o in plan.owners.values():
+        per_fibre += nbytes(o.owner) + nbytes(o.bounds) + sum(nbytes(a) for a in o._cache.values())
     per_edge = 0
     for layer in model.edges:
         per_edge += nbytes(layer.weight.data)
         for csr in (layer.csr_local, layer.csr_remote):
             if csr is not None:
                 per_edge += nbytes(csr.row) + nbytes(csr.col) + nbytes(csr.indptr)
-    for plan in shard.plans.values():
-        per_edge += nbytes(plan.send_idx) + (nbytes(plan.halo_global) if plan.halo_global is not None else 0)
+    for ep in plan.edges.values():
+        per_edge += sum(nbytes(a) for a in (ep.row_local, ep.col_local, ep.row_remote, ep.col_remote, ep.local_first))
+        if ep.exchange is not None:
+            per_edge += nbytes(ep.exchange.send_idx) + nbytes(ep.exchange.halo_global)
     for p in list(model.biases.values()) + list(model.readouts.values()):
         per_edge += nbytes(p.data)
-    for v, a in shard._own.items():
-        if a.size != lift.n(v):
-            per_edge += nbytes(a)
     return {"held_per_edge_arrays": per_edge, "held_per_fibre_arrays": per_fibre}
 
 
@@ -175,10 +167,8 @@ def build_rank(rank: int, world_size: int, size: int, degree: float, seed: int, 
     """Runs on every rank of a gloo world of `world_size` = P (spawned by `run_world`)."""
     import torch.distributed as dist
 
-    from randlift_dist import BaseGraph, random_sparse_lift
+    from randlift_dist import BaseGraph, Communicator, LiftedNetwork, build_plan, random_sparse_lift
     from randlift_dist.layout import Layout
-    from randlift_dist.model import LiftedNetwork
-    from randlift_dist.partition import Shard
 
     base = BaseGraph.mlp(4, [1, 1, 1], 1)
     lift = random_sparse_lift(base, size, degree, seed=seed)
@@ -191,10 +181,11 @@ def build_rank(rank: int, world_size: int, size: int, degree: float, seed: int, 
     whole = Probe(False)
     whole.rss0, whole.maxrss0, whole.hwm_ok, whole.t0 = probe.rss0, probe.maxrss0, probe.hwm_ok, probe.t0
 
-    shard = Shard.create(lift, layout, strategy)  # partition: O(n) per rank (every fibre's owners)
+    plan = build_plan(lift, layout, strategy)  # partition, sampling of own edges, halo split, exchanges
+    comm = Communicator.create(plan, layout)
     part = probe.stop()
     probe.start()  # resets the HWM and tracemalloc's peak: the model phase alone
-    model = LiftedNetwork(base, lift, shard=shard)  # sampling, weights, halo split, exchange plans
+    model = LiftedNetwork(base, lift, plan, comm)  # weights, CSRs (no communication)
     build = probe.stop()
     total = whole.stop()
     # the HWM was reset between the phases: the whole setup's peak is the larger phase peak,
@@ -209,9 +200,9 @@ def build_rank(rank: int, world_size: int, size: int, degree: float, seed: int, 
         "partition": part,
         "model": build,
         "total": total,
-        "modes": sorted({p.mode for p in shard.plans.values()}),
+        "modes": sorted({ep.exchange.mode for ep in plan.edges.values() if ep.exchange is not None}),
     }
-    out.update(held_breakdown(model, shard))
+    out.update(held_breakdown(model, plan))
     return out
 
 
@@ -238,7 +229,7 @@ def main(argv=None) -> int:
           f"s = {n} per non-input fibre, degree {args.degree:g} (bernoulli), seed {args.seed}, "
           f"strategy {args.strategy}; ~{(3 * args.degree + 1) * n / 1e6:.1f}M lifted edges in all")
     print("one gloo world of P ranks per row (world size = P); per rank: peak-RSS increase over "
-          "Shard.create + LiftedNetwork(...); max over ranks")
+          "build_plan + Communicator.create + LiftedNetwork(...); max over ranks")
     hdr = (f"{'P':>2} {'edges/rank':>11} {'peak MB':>8} {'B/edge':>7} {'ratio':>6} {'1/P':>5} "
            f"{'arr B/e':>7} {'hwm MB':>7} {'held MB':>8} {'part MB':>8} {'O(n) MB':>8} {'tm peak':>8} {'secs':>5}  mode")
     print(hdr, flush=True)
@@ -268,9 +259,9 @@ def main(argv=None) -> int:
     print("peak MB: increase of ru_maxrss over the setup (the measure); B/edge: peak / edges held; "
           "ratio: peak / peak at P = 1; arr B/e: bytes of the per-edge arrays the built shard holds "
           "(weights, src/dst, CSR, plans, own rows) per held edge; hwm MB: VmHWM (reset just before) minus VmRSS before, a "
-          "cross-check; held MB: RSS still held after setup; part MB: peak of Shard.create alone "
-          "(partition); O(n) MB: held arrays sized by whole fibres (owners, local_pos, "
-          "pos_in_owner); tm peak: tracemalloc's peak (numpy + Python, not torch-allocated) over "
+          "cross-check; held MB: RSS still held after setup; part MB: peak of build_plan + "
+          "Communicator.create alone (partition, sampling, exchanges); O(n) MB: held arrays sized by whole "
+          "fibres (per-vertex owners and positions); tm peak: tracemalloc's peak (numpy + Python, not torch-allocated) over "
           "the setup; secs: setup time (slowest rank); mode: exchange modes chosen")
     sharded = [(e, pk) for P, e, pk in rows if P > 1]
     if len(sharded) >= 2:  # peak = a * edges + b over the sharded rows (P = 1 runs another code path)

@@ -1,36 +1,35 @@
-"""Communication plan and communication-aware exchanges for a sharded lifted network.
+"""Communication, and only communication: the collectives of a sharded lift as autograd pairs.
 
-For base edge `e = (u, v)` a rank needs the activations of the distinct remote sources of the
-lifted edges it owns (its halo). The plan is built once, collectively (`build_edge_layer`):
-every rank sends each peer the list of rows it needs, so each needed row is sent exactly once.
+Each collective is a pair whose backward is the mirror collective, and each returns early when its
+group has one rank:
 
-Two exchange modes per base edge, chosen identically on every rank from the plan's byte counts:
-- `alltoall`: `all_to_all_single` with exact split sizes; the backward sends gradients back with
-  the splits swapped and adds them into the owners' rows. Bytes = the halo lower bound.
-- `allgather`: every rank's rows are gathered (padded to the largest shard); the backward is a
-  reduce-scatter. Cheaper in latency when the halo is nearly the whole fibre.
+- `copy_to_lift_group(x)`: forward identity (x is replicated on every rank of the lift-parallel
+  group, e.g. the input batch), backward all-reduce (sum of the shards' gradients);
+- `reduce_from_lift_group(x)`: forward all-reduce (the readout's partial sums), backward identity
+  (every rank then holds the same output and the same loss);
+- `HaloExchange`: the exchange of one base edge (see its doc): forward one collective (all-to-all
+  with exact splits, or all-gather), backward the mirror one (all-to-all with the splits swapped,
+  or reduce-scatter), each launched asynchronously so that local work overlaps it.
 
-Both run asynchronously: `start` launches the collective, the local edges are aggregated, and
-`finish` waits. Each exchanging base edge has its own process group, so collectives of different
-edges can never be matched with each other whatever order autograd runs the backward in.
-Bytes are counted on every call in `CommStats` (forward and backward separately).
+`Communicator.create(plan, layout)` is the collective set-up step: it makes one process group per
+exchanging base edge (so collectives of different edges can never be matched with each other,
+whatever order autograd runs the backward in). After it, building the network communicates
+nothing. Bytes are counted from the buffers actually handed to the collectives.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .ops import CSR
+from .plan import Exchange, ShardPlan
 
-MODES = ("auto", "alltoall", "allgather")
-ALLGATHER_THRESHOLD = 0.8  # auto: all-gather once the halo reaches 80% of the all-gather volume
 # torch >= 2.13 renamed the flat-tensor collectives; older releases have only the old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -38,7 +37,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 @dataclasses.dataclass
 class CommStats:
-    """Bytes this rank has sent (payload of collectives, padding included) and time waited."""
+    """Bytes this rank handed to collectives for other ranks (padding included) and time waited."""
 
     bytes_forward: int = 0
     bytes_backward: int = 0
@@ -53,24 +52,12 @@ class CommStats:
         self.wait_s = 0.0
 
 
-# ---------------------------------------------------------------- readout all-reduce
-class _AllReduceSum(torch.autograd.Function):
-    """Forward: sum over the group; backward: identity (every rank holds the same loss)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+def _single(group) -> bool:
+    return group is None or dist.get_world_size(group) == 1
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity (the input is replicated on every rank); backward: sum over the group."""
-
+# ---------------------------------------------------------------- the lift-group pair
+class _CopyToLiftGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -83,280 +70,189 @@ class _CopyToGroup(torch.autograd.Function):
         return g, None
 
 
-def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
-    """Use a replicated input in a sharded computation: its gradient is summed over the shards."""
-    if group is None or dist.get_world_size(group) == 1 or not x.requires_grad:
+class _ReduceFromLiftGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
-    return _CopyToGroup.apply(x, group)
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _AllReduceSum.apply(x, group)
-
-
-# ---------------------------------------------------------------- plan
-@dataclasses.dataclass
-class EdgePlan:
-    """What one rank sends and receives for one base edge, per forward (rows of `d_u` values)."""
-
-    edge: str
-    mode: str
-    send_idx: torch.Tensor  # rows of own(u) to send, grouped by peer   [S]
-    send_splits: list[int]
-    recv_splits: list[int]  # halo rows from each peer                    [R = sum]
-    halo_global: np.ndarray | None  # global index of each halo row, recv order (alltoall only)
-    n_own: int  # rows of own(u)
-    max_own: int  # largest own(u) over the group (allgather padding)
-    row_bytes: int  # bytes of one row for one sample (d_u * element size)
-    world_size: int
-    group: Any = None
-    stats: CommStats | None = None
-    n_halo: int = 0  # distinct remote rows this rank needs (the lower bound's share)
-
-    def rows_sent(self, mode: str | None = None) -> int:
-        """Rows this rank sends per forward in `mode` (default: the chosen one)."""
-        if (mode or self.mode) == "alltoall":
-            return int(sum(self.send_splits))
-        return self.max_own * (self.world_size - 1)
-
-    def bytes_per_sample(self, mode: str | None = None) -> int:
-        return self.rows_sent(mode) * self.row_bytes
-
-
-def choose_mode(total_alltoall_rows: int, total_allgather_rows: int, requested: str, threshold: float) -> str:
-    """`auto`: all-gather when the halo rows reach `threshold` of the all-gather volume."""
-    if requested != "auto":
-        return requested
-    return "allgather" if total_alltoall_rows >= threshold * total_allgather_rows else "alltoall"
-
-
-def _edge_group(shard) -> Any:
-    """A process group of this lift-parallel group's ranks, private to one base edge.
-
-    `new_group` is collective over the whole world: every rank creates the groups of every
-    lift-parallel group (`shard.group_ranks`), in the same order, and keeps its own.
-    """
-    backend = dist.get_backend(shard.group)
-    me = dist.get_rank()
-    mine = None
-    for ranks in shard.group_ranks or [dist.get_process_group_ranks(shard.group)]:
-        g = dist.new_group(ranks=list(ranks), backend=backend)
-        if me in ranks:
-            mine = g
-    return mine
-
-
-def build_plan(shard, e, halo_global: np.ndarray, halo_owner: np.ndarray, row_bytes: int) -> EdgePlan:
-    """Collective over the lift-parallel group: tell each owner which of its rows we need."""
-    P, group = shard.world_size, shard.group
-    recv_splits = np.bincount(halo_owner, minlength=P).astype(np.int64)
-    send_splits = torch.zeros(P, dtype=torch.int64)
-    dist.all_to_all_single(send_splits, torch.from_numpy(recv_splits), group=group)
-    n_own = len(shard.own(e.src))
-    sizes = torch.tensor([n_own, int(recv_splits.sum())], dtype=torch.int64)
-    gathered = [torch.zeros_like(sizes) for _ in range(P)]
-    dist.all_gather(gathered, sizes, group=group)
-    max_own = max(int(g[0]) for g in gathered)
-    total_a2a = sum(int(g[1]) for g in gathered)
-    mode = choose_mode(total_a2a, P * (P - 1) * max_own, shard.exchange, shard.allgather_threshold)
-    send_idx = torch.zeros(0, dtype=torch.int64)
-    if mode == "alltoall":  # tell each owner which of its rows we need
-        want = torch.from_numpy(halo_global.astype(np.int64))
-        asked = torch.zeros(int(send_splits.sum()), dtype=torch.int64)
-        dist.all_to_all_single(asked, want, send_splits.tolist(), recv_splits.tolist(), group=group)
-        pos = shard.local_pos(e.src)[asked.numpy()]
-        if (pos < 0).any():
-            raise RuntimeError(f"exchange plan for {e}: a peer asked for rows this rank does not own")
-        send_idx = torch.from_numpy(pos.astype(np.int64))
-    else:
-        halo_global = None  # the all-gather layout needs no index lists
-    return EdgePlan(str(e), mode, send_idx, send_splits.tolist(), recv_splits.tolist(),
-                    halo_global, n_own, max_own, row_bytes, P, _edge_group(shard), shard.stats,
-                    n_halo=int(recv_splits.sum()))
-
-
-# ---------------------------------------------------------------- exchanges as autograd
-class _Pending:
-    """Handles of one in-flight exchange (one forward call), shared by its start and finish."""
-
-    def __init__(self, plan: EdgePlan):
-        self.plan = plan
-        self.work = self.recv = self.grad_work = self.grad_buf = None
-        self.shape: tuple[int, ...] = ()
-
-
-class _Start(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_own, pending: _Pending):
-        plan = pending.plan
-        d, B = y_own.shape[1], y_own.shape[2]
-        pending.shape = (y_own.shape[0], d, B)
-        if plan.mode == "alltoall":
-            send = y_own.index_select(0, plan.send_idx.to(y_own.device)).contiguous()
-            pending.recv = y_own.new_empty(sum(plan.recv_splits), d, B)
-            pending.work = dist.all_to_all_single(pending.recv, send, plan.recv_splits, plan.send_splits,
-                                                  group=plan.group, async_op=True)
-        else:
-            send = y_own.new_zeros(plan.max_own, d, B)
-            send[: y_own.shape[0]] = y_own
-            pending.recv = y_own.new_empty(plan.world_size * plan.max_own, d, B)
-            pending.work = _all_gather_single(pending.recv, send, group=plan.group, async_op=True)
-        pending.send = send  # keep the send buffer alive until the collective completes
-        if plan.stats is not None:
-            plan.stats.bytes_forward += plan.rows_sent() * d * B * y_own.element_size()
-        ctx.pending = pending
-        return y_own.new_zeros(())  # a token that orders finish after start in the graph
-
-    @staticmethod
-    def backward(ctx, _token_grad):
-        p = ctx.pending
-        t0 = time.perf_counter()
-        p.grad_work.wait()
-        if p.plan.stats is not None:
-            p.plan.stats.wait_s += time.perf_counter() - t0
-        plan = p.plan
-        if plan.mode == "alltoall":
-            gy = p.grad_buf.new_zeros(p.shape)
-            gy.index_add_(0, plan.send_idx.to(gy.device), p.grad_buf)
-        else:
-            gy = p.grad_buf[: p.shape[0]]
-        p.grad_buf = p.grad_work = None
-        return gy, None
-
-
-class _Finish(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, token, pending: _Pending):
-        t0 = time.perf_counter()
-        pending.work.wait()
-        if pending.plan.stats is not None:
-            pending.plan.stats.wait_s += time.perf_counter() - t0
-        pending.work = pending.send = None
-        ctx.pending = pending
-        recv, pending.recv = pending.recv, None
-        return recv
 
     @staticmethod
     def backward(ctx, g):
-        p = ctx.pending
-        plan = p.plan
-        g = g.contiguous()
-        n, d, B = p.shape
-        if plan.mode == "alltoall":
-            p.grad_buf = g.new_empty(sum(plan.send_splits), d, B)
-            p.grad_work = dist.all_to_all_single(p.grad_buf, g, plan.send_splits, plan.recv_splits,
-                                                 group=plan.group, async_op=True)
-        else:
-            p.grad_buf = g.new_empty(plan.max_own, d, B)
-            p.grad_work = _reduce_scatter_single(p.grad_buf, g, op=dist.ReduceOp.SUM,
-                                                 group=plan.group, async_op=True)
-        p.grad_send = g
-        if plan.stats is not None:
-            plan.stats.bytes_backward += plan.rows_sent() * d * B * g.element_size()
-        return g.new_zeros(()), None
+        return g, None
 
 
-class HaloExchange:
-    """The exchange of one base edge on one rank: `finish(start(y_own))` returns the halo rows.
-
-    In `alltoall` mode the halo rows are `plan.halo_global` (recv order); in `allgather` mode the
-    returned buffer is the whole fibre laid out as `[rank, row in that rank's own list]`.
-    """
-
-    def __init__(self, plan: EdgePlan):
-        self.plan = plan
-
-    def start(self, y_own: torch.Tensor) -> tuple[torch.Tensor, _Pending]:
-        pending = _Pending(self.plan)
-        return _Start.apply(y_own, pending), pending
-
-    def finish(self, started: tuple[torch.Tensor, _Pending]) -> torch.Tensor:
-        token, pending = started
-        return _Finish.apply(token, pending)
+def copy_to_lift_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Use a replicated tensor in a sharded computation: its gradient is summed over the shards."""
+    if _single(group) or not x.requires_grad:
+        return x
+    return _CopyToLiftGroup.apply(x, group)
 
 
-# ---------------------------------------------------------------- building a shard's edge layer
+def reduce_from_lift_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum partial results over the shards; every rank gets the sum (backward: identity)."""
+    if _single(group):
+        return x
+    return _ReduceFromLiftGroup.apply(x, group)
+
+
+# ---------------------------------------------------------------- the halo exchange
 @dataclasses.dataclass
-class EdgeSplit:
-    """This rank's in-edges over one base edge, split by where their source lives.
+class _InFlight:
+    """One exchange between its start and its finish (forward), and back (backward).
 
-    `order` puts local-source edges first (each part keeps the (dst, src) order); `halo_global`
-    are the distinct remote sources sorted by (owner, index), `halo_owner` their owners, and
-    `col_remote[k]` the halo row of remote edge k. Pure: the planner's statistics use it too.
+    Shapes: `y_shape = (n_own, d_u, B)`; forward `send` `[S, d_u, B]` (alltoall) or
+    `[max_own, d_u, B]` (allgather), `recv` `[R, d_u, B]` or `[P * max_own, d_u, B]`; backward
+    `grad_send` is `recv`'s gradient, `grad_recv` has `send`'s shape."""
+
+    y_shape: tuple[int, int, int]
+    work: Any = None
+    send: torch.Tensor | None = None
+    recv: torch.Tensor | None = None
+    grad_work: Any = None
+    grad_send: torch.Tensor | None = None
+    grad_recv: torch.Tensor | None = None
+
+
+class _Start(torch.autograd.Function):
+    """Forward: launch the exchange of `y_own`. Backward: wait for the gradient's return and add
+    it into the owners' rows. Returns a 0-d token that orders `_Finish` after it in the graph."""
+
+    @staticmethod
+    def forward(ctx, y_own, halo: "HaloExchange", box: _InFlight):
+        ctx.halo, ctx.box = halo, box
+        halo._launch(y_own, box)
+        return y_own.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        return ctx.halo._land_grad(ctx.box), None, None
+
+
+class _Finish(torch.autograd.Function):
+    """Forward: wait for the exchange and return the received rows. Backward: launch the mirror
+    collective of their gradient (so it flies while autograd computes other gradients)."""
+
+    @staticmethod
+    def forward(ctx, _token, halo: "HaloExchange", box: _InFlight):
+        ctx.halo, ctx.box = halo, box
+        return halo._land(box)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.halo._launch_grad(g.contiguous(), ctx.box)
+        return g.new_zeros(()), None, None
+
+
+class HaloExchange(nn.Module):
+    """The exchange of one base edge on one rank: `finish(start(y_own))` gives the received rows.
+
+    `y_own` is this rank's source activations `[n_own, d_u, B]`. Received, in `alltoall` mode: the
+    halo `[R, d_u, B]` (rows `exchange.halo_global`, grouped by owner); in `allgather` mode: every
+    rank's rows padded to `max_own`, `[P * max_own, d_u, B]` laid out `[rank, row]`. Between the two
+    calls the collective is in flight and the caller computes the local edges. The backward sends
+    the gradient of the received rows back (all-to-all with the splits swapped, or reduce-scatter)
+    and adds it into the owners' rows. `send_idx` is a buffer: it moves with the module.
     """
 
-    order: np.ndarray
-    n_local: int
-    halo_global: np.ndarray
-    halo_owner: np.ndarray
-    col_remote: np.ndarray
+    def __init__(self, exchange: Exchange, group, stats: CommStats):
+        super().__init__()
+        self.mode, self.world_size, self.max_own = exchange.mode, exchange.world_size, exchange.max_own
+        self.send_splits, self.recv_splits = list(exchange.send_splits), list(exchange.recv_splits)
+        self.group, self.stats = group, stats
+        self.register_buffer("send_idx", torch.from_numpy(np.ascontiguousarray(exchange.send_idx)), persistent=False)
+
+    def start(self, y_own: torch.Tensor) -> tuple[torch.Tensor, _InFlight]:
+        box = _InFlight(tuple(y_own.shape))
+        return _Start.apply(y_own, self, box), box
+
+    def finish(self, started: tuple[torch.Tensor, _InFlight]) -> torch.Tensor:
+        token, box = started
+        return _Finish.apply(token, self, box)
+
+    def _peers(self, t: torch.Tensor) -> int:
+        """Bytes of `t` that reach other ranks (an all-gather sends its buffer to P - 1 of them)."""
+        n = t.numel() * t.element_size()
+        return n if self.mode == "alltoall" else n * (self.world_size - 1)
+
+    def _wait(self, work) -> None:
+        t0 = time.perf_counter()
+        work.wait()
+        self.stats.wait_s += time.perf_counter() - t0
+
+    def _launch(self, y: torch.Tensor, box: _InFlight) -> None:
+        _, d, B = y.shape
+        if self.mode == "alltoall":
+            box.send = y.index_select(0, self.send_idx)  # [S, d, B]
+            box.recv = y.new_empty(sum(self.recv_splits), d, B)
+            box.work = dist.all_to_all_single(box.recv, box.send, self.recv_splits, self.send_splits,
+                                              group=self.group, async_op=True)
+        else:
+            box.send = y.new_zeros(self.max_own, d, B)
+            box.send[: y.shape[0]] = y
+            box.recv = y.new_empty(self.world_size * self.max_own, d, B)
+            box.work = _all_gather_single(box.recv, box.send, group=self.group, async_op=True)
+        self.stats.bytes_forward += self._peers(box.send)
+
+    def _land(self, box: _InFlight) -> torch.Tensor:
+        self._wait(box.work)
+        recv, box.work, box.send, box.recv = box.recv, None, None, None
+        return recv
+
+    def _launch_grad(self, g: torch.Tensor, box: _InFlight) -> None:
+        _, d, B = box.y_shape
+        box.grad_send = g
+        if self.mode == "alltoall":
+            box.grad_recv = g.new_empty(sum(self.send_splits), d, B)
+            box.grad_work = dist.all_to_all_single(box.grad_recv, g, self.send_splits, self.recv_splits,
+                                                   group=self.group, async_op=True)
+        else:
+            box.grad_recv = g.new_empty(self.max_own, d, B)
+            box.grad_work = _reduce_scatter_single(box.grad_recv, g, op=dist.ReduceOp.SUM,
+                                                   group=self.group, async_op=True)
+        self.stats.bytes_backward += g.numel() * g.element_size() if self.mode == "alltoall" else \
+            self._peers(box.grad_recv)
+
+    def _land_grad(self, box: _InFlight) -> torch.Tensor:
+        self._wait(box.grad_work)
+        n = box.y_shape[0]
+        if self.mode == "alltoall":
+            gy = box.grad_recv.new_zeros(box.y_shape)
+            gy.index_add_(0, self.send_idx, box.grad_recv)
+        else:
+            gy = box.grad_recv[:n]
+        box.grad_work = box.grad_send = box.grad_recv = None
+        return gy
 
 
-def split_edges(owners_u: np.ndarray, n_u: int, rank: int, src: np.ndarray) -> EdgeSplit:
-    owner = owners_u[src]
-    local = owner == rank
-    order = np.concatenate([np.flatnonzero(local), np.flatnonzero(~local)])
-    n_local = int(local.sum())
-    key = owner[order[n_local:]].astype(np.int64) * n_u + src[order[n_local:]]
-    uniq, col_remote = np.unique(key, return_inverse=True)  # halo sorted by (owner, global index)
-    return EdgeSplit(order, n_local, uniq % n_u, (uniq // n_u).astype(np.int64), col_remote.reshape(-1))
+# ---------------------------------------------------------------- set-up
+class Communicator:
+    """The lift-parallel group, one private group per exchanging base edge, and the byte counters."""
 
+    def __init__(self, lift_group=None, edge_groups: dict | None = None):
+        self.lift_group = lift_group
+        self.edge_groups = edge_groups or {}
+        self.stats = CommStats()
 
-def build_edge_layer(shard, e, w: torch.Tensor, src: np.ndarray, dst: np.ndarray, impl: str):
-    """Split this rank's in-edges over `e` into local and remote sources; plan the exchange.
+    @classmethod
+    def create(cls, plan: ShardPlan, layout) -> "Communicator":
+        """Collective over the whole world: `new_group` is, so every rank creates the groups of
+        every lift-parallel group, in the same order, and keeps its own."""
+        if plan.world_size == 1:
+            return cls()
+        backend = dist.get_backend(layout.lift_group)
+        groups = {}
+        for key, ep in plan.edges.items():
+            if ep.exchange is None:
+                continue
+            for ranks in layout.lift_group_ranks():
+                g = dist.new_group(ranks=list(ranks), backend=backend)
+                if dist.get_rank() in ranks:
+                    groups[key] = g
+        return cls(layout.lift_group, groups)
 
-    Takes ownership of `w`, `src` and `dst` (permuted in place). The layer keeps only its CSRs
-    (local rows and columns); global indices are derived on demand (`_edge_index`).
-    """
-    from .model import EdgeLayer
-
-    n_v_own = len(shard.own(e.dst))
-    if shard.world_size == 1 or shard.is_input(e.src):
-        row = dst if shard.world_size == 1 else shard.local_pos(e.dst)[dst]
-        csr = CSR(torch.from_numpy(row), torch.from_numpy(src), n_v_own, shard.lift.n(e.src))
-        return EdgeLayer(w, src.size, csr, None, None, impl, functools.partial(_edge_index, shard, e, None))
-    sp = split_edges(shard.owners[e.src], shard.lift.n(e.src), shard.rank, src)
-    src[:] = src[sp.order]
-    row = shard.local_pos(e.dst)[dst[sp.order]]
-    del dst
-    w.copy_(w[torch.from_numpy(sp.order)])
-    n_local = sp.n_local
-    plan = build_plan(shard, e, sp.halo_global, sp.halo_owner, shard.lift.base.dim(e.src) * w.element_size())
-    if plan.mode == "allgather":
-        remote = src[n_local:]
-        col_remote = shard.owners[e.src][remote].astype(np.int64) * plan.max_own + shard.pos_in_owner(e.src)[remote]
-        n_cols = plan.world_size * plan.max_own
-    else:
-        col_remote, n_cols = sp.col_remote, sp.halo_global.size
-    del sp
-    shard.plans[e.key] = plan
-    col_local = shard.local_pos(e.src)[src[:n_local]]
-    del src
-    csr_local = CSR(torch.from_numpy(row[:n_local]), torch.from_numpy(col_local), n_v_own, len(shard.own(e.src)))
-    csr_remote = CSR(torch.from_numpy(row[n_local:]), torch.from_numpy(np.asarray(col_remote, np.int64)),
-                     n_v_own, n_cols)
-    return EdgeLayer(w, n_local, csr_local, csr_remote, HaloExchange(plan), impl,
-                     functools.partial(_edge_index, shard, e, plan))
-
-
-def _edge_index(shard, e, plan: EdgePlan | None, layer) -> tuple[np.ndarray, np.ndarray]:
-    """Global `(src, dst)` of a layer's rows, from its CSRs and the shard's ownership."""
-    rows = [layer.csr_local.row] + ([layer.csr_remote.row] if layer.csr_remote is not None else [])
-    dst = shard.own(e.dst)[torch.cat(rows).cpu().numpy().astype(np.int64)]
-    col_local = layer.csr_local.col.cpu().numpy().astype(np.int64)
-    if plan is None:  # sources are the whole fibre (one process, or an input fibre)
-        return col_local, dst
-    src_local = shard.own(e.src)[col_local]
-    col_remote = layer.csr_remote.col.cpu().numpy().astype(np.int64)
-    if plan.mode == "alltoall":
-        src_remote = plan.halo_global[col_remote]
-    else:  # all-gather layout: [rank, row in that rank's own list]
-        rank, pos = np.divmod(col_remote, plan.max_own)
-        src_remote = np.empty(col_remote.size, np.int64)
-        owners = shard.owners[e.src]
-        for p in np.unique(rank).tolist():
-            sel = rank == p
-            src_remote[sel] = np.flatnonzero(owners == p)[pos[sel]]
-    return np.concatenate([src_local, src_remote]), dst
+    def halo_exchange(self, key: tuple[str, str], exchange: Exchange) -> HaloExchange:
+        if key not in self.edge_groups:
+            raise ValueError(f"no process group for base edge {key[0]}->{key[1]}: build the Communicator "
+                             "from the same plan as the network (Communicator.create(plan, layout))")
+        return HaloExchange(exchange, self.edge_groups[key], self.stats)

@@ -11,6 +11,7 @@ later (`derive`), never written in the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
-from .comm import ALLGATHER_THRESHOLD
+from .graph import BaseGraph, GraphError
+from .layout import LayoutError, check_degrees
+from .lift import LiftError, fully_connected_lift, random_sparse_lift
+from .plan import ALLGATHER_THRESHOLD
 
 
 class ConfigError(ValueError):
@@ -53,7 +57,8 @@ class ModelConfig:
     weight_scale: float | None = doc("std of initial edge weights (null: 1/sqrt(expected fan-in))", None)
     readout_scale: Literal["sum", "mean", "sqrt"] = doc("readout normalisation c: 1, 1/N or 1/sqrt(N)", "sqrt")
     readout_init: Literal["zero", "normal"] = doc("initial readout rows", "zero")
-    impl: Literal["auto", "reference", "csr", "blocked"] = doc("aggregation kernel", "auto")
+    impl: Literal["auto", "reference", "csr", "blocked", "triton"] = doc(
+        "aggregation kernel (auto: triton on CUDA when installed, else csr for scalar targets, else blocked)", "auto")
 
 
 @dataclass
@@ -87,6 +92,13 @@ class TrainConfig:
     resume: str = doc("'auto' (latest checkpoint in run.dir), 'none', or a checkpoint directory", "auto")
     dtype: Literal["float32", "float64"] = doc("parameter dtype of the torch engine", "float32")
     stop_at: int | None = doc("end this invocation after this step, with a checkpoint (resume later)", None)
+    micro_batch_size: int | None = doc("samples per forward/backward on each replica; gradients are accumulated "
+                                       "over the replica's batch (null: the whole replica batch at once)", None)
+    on_nonfinite: Literal["stop", "skip"] = doc("a non-finite loss or gradient norm: stop (exit 3, good checkpoints "
+                                                "kept) or skip the step", "stop")
+    max_skipped: int = doc("on_nonfinite=skip: stop after this many non-finite steps in a row", 10)
+    resume_allow_data_change: bool = doc("resume even though the data configuration differs from the checkpoint's",
+                                         False)
 
 
 @dataclass
@@ -101,6 +113,8 @@ class ParallelConfig:
     allgather_threshold: float = doc("auto mode: all-gather when halo rows >= this fraction of its volume",
                                       ALLGATHER_THRESHOLD)
     backend: Literal["auto", "gloo", "nccl"] = doc("torch.distributed backend (auto: nccl with GPUs)", "auto")
+    timeout_s: float = doc("collective timeout once training runs: a peer silent this long ends the job", 300.0)
+    setup_timeout_s: float = doc("collective timeout during set-up (sampling, planning, loading)", 1800.0)
 
 
 @dataclass
@@ -160,6 +174,16 @@ class Config:
             raise ConfigError("data.kind=file needs data.path=<file.npz or file.pt with arrays x and y>")
         if self.parallel.offload_optimizer and (self.parallel.engine != "deepspeed" or self.parallel.zero_stage == 0):
             raise ConfigError("parallel.offload_optimizer=true needs parallel.engine=deepspeed and parallel.zero_stage>=1")
+        if self.parallel.offload_optimizer and self.train.optimizer == "sgd":
+            raise ConfigError("parallel.offload_optimizer=true needs train.optimizer=adam or adamw")
+        for key, v in {"parallel.timeout_s": self.parallel.timeout_s,
+                       "parallel.setup_timeout_s": self.parallel.setup_timeout_s}.items():
+            if not v > 0:
+                raise ConfigError(f"{key}={v!r}: must be > 0 seconds")
+        if self.train.micro_batch_size is not None and self.train.micro_batch_size <= 0:
+            raise ConfigError(f"train.micro_batch_size={self.train.micro_batch_size}: must be > 0 (or null)")
+        if self.train.max_skipped <= 0:
+            raise ConfigError(f"train.max_skipped={self.train.max_skipped}: must be > 0")
         if self.parallel.precision == "bf16" and self.parallel.engine != "deepspeed":
             raise ConfigError("parallel.precision=bf16 needs parallel.engine=deepspeed (the torch engine runs in train.dtype)")
         if not 0 < self.parallel.allgather_threshold:
@@ -171,19 +195,39 @@ class Config:
         return self
 
     def _check_base(self) -> None:
-        base, _ = self.build_lift()
-        dims = sorted({base.dim(t) for t in base.outputs})
-        if self.model.out_dim is None and len(dims) > 1:
-            raise ConfigError(f"model.out_dim is null but the output vertices have dims {dims}: set model.out_dim")
-        if self.model.out_dim is not None and self.model.out_dim <= 0:
-            raise ConfigError(f"model.out_dim={self.model.out_dim}: must be > 0")
+        self.out_dim(self.build_lift()[0])
+
+    def out_dim(self, base: BaseGraph) -> int:
+        """The readout width (`model.out_dim`, or the output vertices' common dimension)."""
+        try:
+            return base.readout_dim(self.model.out_dim)
+        except GraphError as err:
+            raise ConfigError(f"model.out_dim: {err}") from None
+
+    def check_world(self, world_size: int) -> int:
+        """Checks that need the world size but no process group; returns the data-parallel degree."""
+        try:
+            dp = check_degrees(world_size, self.parallel.lift_parallel)
+        except LayoutError as err:
+            raise ConfigError(str(err)) from None
+        t = self.train
+        if t.batch_size % dp:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel degree {dp} "
+                              f"(world {world_size} / lift_parallel {self.parallel.lift_parallel}): "
+                              f"use a multiple of {dp}")
+        if t.micro_batch_size is not None and (t.batch_size // dp) % t.micro_batch_size:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide the per-replica batch "
+                              f"{t.batch_size // dp} (train.batch_size {t.batch_size} / data-parallel {dp})")
+        return dp
+
+    def micro_batches(self, data_parallel: int) -> int:
+        """Micro-batches per step on each replica (gradient accumulation steps)."""
+        per_replica = self.train.batch_size // data_parallel
+        return per_replica // (self.train.micro_batch_size or per_replica)
 
     def build_lift(self):
         """`(base, lift)` of `model.base` and `model.lift`: the one place a config becomes a lift
-        (the trainer and `python -m randlift_dist.partition` both call it)."""
-        from .graph import BaseGraph, GraphError
-        from .lift import LiftError, fully_connected_lift, random_sparse_lift
-
+        (the trainer, the plan statistics and the estimator all call it)."""
         try:
             base = BaseGraph.from_dict(self.model.base)
         except GraphError as err:
@@ -200,6 +244,9 @@ class Config:
 
 
 # ---------------------------------------------------------------- parsing
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     """Check (and gently coerce: int -> float) a value against a field type."""
     origin = typing.get_origin(tp)
@@ -217,6 +264,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return value is None, value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e6 as a string
             return True, float(value)
         return False, value
     if tp is int:

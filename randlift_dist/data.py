@@ -23,6 +23,8 @@ import torch
 
 from .config import Config, ConfigError
 from .graph import BaseGraph
+from .lift import random_sparse_lift
+from .model import LiftedNetwork
 
 
 @dataclasses.dataclass
@@ -35,9 +37,6 @@ class Dataset:
 
 
 def teacher_dataset(cfg: Config, base: BaseGraph, out_dim: int) -> Dataset:
-    from .lift import random_sparse_lift
-    from .model import LiftedNetwork
-
     d = cfg.data
     lift = random_sparse_lift(base, d.teacher_size, d.teacher_degree, seed=d.teacher_seed)
     teacher = LiftedNetwork(base, lift, out_dim=out_dim, readout_scale="sqrt", seed=d.teacher_seed,
@@ -64,16 +63,21 @@ def file_dataset(cfg: Config, base: BaseGraph, out_dim: int) -> Dataset:
     path = Path(cfg.data.path)
     if not path.is_file():
         raise ConfigError(f"data.path={str(path)!r}: no such file")
-    if path.suffix == ".npz":
-        arrays = dict(np.load(path))
-    elif path.suffix == ".pt":
-        arrays = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ConfigError(f"data.path={str(path)!r}: use a .npz or .pt file holding arrays x and y")
+    try:
+        if path.suffix == ".npz":
+            arrays = dict(np.load(path, allow_pickle=False))
+        elif path.suffix == ".pt":
+            arrays = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"data.path={str(path)!r}: use a .npz or .pt file holding arrays x and y")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file: one line, not a torch traceback
+        raise ConfigError(f"data.path={str(path)!r}: cannot read it as {path.suffix} arrays "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     if not isinstance(arrays, dict) or "x" not in arrays or "y" not in arrays:
         raise ConfigError(f"data.path={str(path)!r}: the file must hold arrays named 'x' and 'y'")
-    x = torch.as_tensor(np.asarray(arrays["x"]), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(arrays["y"]), dtype=torch.float32)
+    x, y = _numeric(path, "x", arrays["x"]), _numeric(path, "y", arrays["y"])
     if y.dim() == 1:
         y = y[:, None]
     if x.dim() != 2 or x.shape[1] != base.in_dim or y.shape[0] != x.shape[0] or y.shape[1] != out_dim:
@@ -85,6 +89,20 @@ def file_dataset(cfg: Config, base: BaseGraph, out_dim: int) -> Dataset:
     n_train = x.shape[0] - n_test
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
                    f"file {path.name}: {n_train} train / {n_test} test samples")
+
+
+def _numeric(path: Path, name: str, a) -> torch.Tensor:
+    """A float32 tensor of array `name`, or a one-line error: not numbers, or not finite."""
+    arr = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if arr.dtype.kind not in "biuf":
+        raise ConfigError(f"data.path={str(path)!r}: array {name!r} holds {arr.dtype} values, not numbers: "
+                          "store float arrays")
+    bad = ~np.isfinite(arr.astype(np.float64, copy=False))
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        raise ConfigError(f"data.path={str(path)!r}: array {name!r} has {int(bad.sum())} non-finite values "
+                          f"(NaN or inf; the first at index {where}): clean the data before training")
+    return torch.as_tensor(arr, dtype=torch.float32)
 
 
 def build_dataset(cfg: Config, base: BaseGraph, out_dim: int) -> Dataset:
@@ -99,9 +117,7 @@ class Batches:
     """The batch of any step, for one data-parallel replica; reproducible from the seed."""
 
     def __init__(self, ds: Dataset, global_batch: int, data_rank: int, data_parallel: int, seed: int):
-        if global_batch % data_parallel:
-            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the data-parallel degree "
-                              f"{data_parallel}: use a multiple of {data_parallel}")
+        # divisibility of the batch by the replicas is checked with the config (`Config.check_world`)
         self.ds, self.B, self.seed = ds, global_batch, seed
         self.per_replica = global_batch // data_parallel
         self.lo = data_rank * self.per_replica

@@ -1,10 +1,16 @@
 """Training engines: DeepSpeed (the default) and plain torch, with one interface.
 
-Both take a sharded `LiftedNetwork` and a `Layout` and do, per step: forward on this replica's
-slice of the global batch, MSE loss, backward, gradient averaging over the data-parallel group,
-global gradient norm (each shard counted once: a sum of squares over the lift-parallel group),
-clipping, optimizer step and a warm-up + cosine learning-rate schedule. The loss and the gradient
-norm they report do not depend on the layout.
+Both take a sharded `LiftedNetwork` and a `Layout` and do, per step: forward and backward on this
+replica's slice of the global batch (in `micro_batches` equal micro-batches whose gradients are
+accumulated: the same gradient as one pass, with activation memory of one micro-batch), MSE loss,
+gradient averaging over the data-parallel group, global gradient norm (each shard counted once: a
+sum of squares over the lift-parallel group), clipping, optimizer step and a warm-up + cosine
+learning-rate schedule. The loss and the gradient norm they report do not depend on the layout,
+and are the same on every rank (they come out of all-reduces), so every rank takes the same
+decision when one is not finite: `train_step(..., skip_nonfinite=True)` then drops the update
+(the torch engine checks before the optimizer step; DeepSpeed's step cannot be undone, so there a
+non-finite gradient found after its step is reported as `applied`). An engine restores its own
+step count and learning-rate schedule (`restore`).
 
 This is the only module that imports deepspeed, and only when the DeepSpeed engine is built.
 DeepSpeed gets the layout through an `mpu` object (lift-parallel = its "model parallel"), every
@@ -115,7 +121,24 @@ class Engine:
     def __init__(self, net, cfg: Config, layout: Layout):
         self.net, self.cfg, self.layout = net, cfg, layout
         self.step_count = 0
+        self.micro_batches = cfg.micro_batches(layout.data_parallel)
 
+    def _micro(self, x: torch.Tensor, y: torch.Tensor):
+        """`(x, y)` micro-batches of this replica's batch (equal sizes: the config checks it)."""
+        k = self.micro_batches
+        return zip(x.chunk(k), y.chunk(k)) if k > 1 else [(x, y)]
+
+    def restore(self, state: dict | None, step: int) -> None:
+        """Continue at `step`: optimizer moments from a checkpoint's rows (`state`: parameter name ->
+        {"moments": ...}), the step count and the learning-rate schedule."""
+        if state is not None:
+            for name, p in self.net.named_parameters():
+                self.load_moments(p, state[name]["moments"], step)
+        self.step_count = step
+        self._restore_schedule(step)
+
+    def _restore_schedule(self, step: int) -> None:
+        pass  # the torch engine computes the lr from step_count
     def lr(self) -> float:
         return self.cfg.train.lr * lr_factor(self.cfg, self.step_count)
 
@@ -158,13 +181,17 @@ class TorchEngine(Engine):
         self.params = [p for p in net.parameters()]
         self.optimizer = make_optimizer(cfg, self.params)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, skip_nonfinite: bool = False) -> dict[str, float]:
         lr = self.lr()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._loss(x, y)
-        loss.backward()
+        loss_sum = 0.0
+        for xm, ym in self._micro(x, y):
+            loss = self._loss(xm, ym)
+            (loss / self.micro_batches).backward()
+            loss_sum += loss.item()
+        loss_mean = self.replica_mean(loss_sum / self.micro_batches)
         D = self.layout.data_parallel
         grads = [p.grad for p in self.params]
         if D > 1:  # average over data-parallel replicas, one flat all-reduce
@@ -175,6 +202,10 @@ class TorchEngine(Engine):
                 g.copy_(flat[off:off + g.numel()].view_as(g))
                 off += g.numel()
         norm = grad_norm(grads, self.layout)
+        self.step_count += 1
+        finite = math.isfinite(loss_mean) and math.isfinite(norm)  # identical on every rank
+        if not finite and skip_nonfinite:
+            return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": False}
         clip = self.cfg.train.grad_clip
         if clip > 0:
             coef = clip / (norm + 1e-6)
@@ -182,8 +213,7 @@ class TorchEngine(Engine):
                 for g in grads:
                     g.mul_(coef)
         self.optimizer.step()
-        self.step_count += 1
-        return {"loss": self.replica_mean(loss.item()), "grad_norm": norm, "lr": lr}
+        return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": True}
 
     def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         return torch_moments(self.optimizer, p, self.cfg.train.optimizer)
@@ -220,19 +250,42 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def _restore_schedule(self, step: int) -> None:
+        if self.scheduler is not None:  # the scheduler stepped `step` times: lr of step `step`
+            self.scheduler.last_epoch = step - 1
+            self.scheduler.step()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, skip_nonfinite: bool = False) -> dict[str, float]:
         lr = self.lr()
-        loss = self._loss(x, y)
-        self.engine.backward(loss)
-        norm = None
-        if not self._fragment_api():  # stage 0 fp32: DeepSpeed clips without recording the norm
-            norm = grad_norm([p.grad for p in self.net.parameters()], self.layout)
-        self.engine.step()
+        micro = list(self._micro(x, y))
+        loss_sum, norm = 0.0, None
+        for i, (xm, ym) in enumerate(micro):
+            loss = self._loss(xm, ym)
+            self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+            loss_sum += loss.item()
+            if i == len(micro) - 1 and not self._fragment_api():  # stage 0 fp32: the norm is not recorded
+                norm = grad_norm([p.grad for p in self.net.parameters()], self.layout)
+                loss_mean = self.replica_mean(loss_sum / len(micro))
+                if skip_nonfinite and not (math.isfinite(loss_mean) and math.isfinite(norm)):
+                    self._drop_step()
+                    self.step_count += 1
+                    return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": False}
+            self.engine.step()  # the optimizer steps at the accumulation boundary only
         self.step_count += 1
         if norm is None:
             ds_norm = self.engine.get_global_grad_norm()
             norm = float(ds_norm) if ds_norm is not None else float("nan")
-        return {"loss": self.replica_mean(loss.item()), "grad_norm": norm, "lr": lr}
+        return {"loss": self.replica_mean(loss_sum / len(micro)), "grad_norm": norm, "lr": lr, "applied": True}
+
+    def _drop_step(self) -> None:
+        """Skip the optimizer update of a non-finite step (stage 0 fp32): clear the gradients and
+        move DeepSpeed's counters past the boundary without stepping."""
+        self.engine.zero_grad()
+        self.engine.micro_steps += 1
+        self.engine.global_steps += 1
+        self.engine.global_samples += self.cfg.train.batch_size
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def _fragment_api(self) -> bool:
         return self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.precision == "bf16"
@@ -291,8 +344,8 @@ def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     micro = t.batch_size // layout.data_parallel
     ds: dict[str, Any] = {
         "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro // cfg.micro_batches(layout.data_parallel),
+        "gradient_accumulation_steps": cfg.micro_batches(layout.data_parallel),
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": p.precision == "bf16"},
@@ -301,9 +354,7 @@ def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     }
     if t.grad_clip > 0:
         ds["gradient_clipping"] = t.grad_clip
-    if p.offload_optimizer:
-        if t.optimizer == "sgd":
-            raise ConfigError("parallel.offload_optimizer=true needs train.optimizer=adam or adamw")
+    if p.offload_optimizer:  # the config refused offload with SGD
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         ds["optimizer"] = {"type": "AdamW" if t.optimizer == "adamw" else "Adam",
                            "params": {"lr": t.lr, "weight_decay": t.weight_decay}}

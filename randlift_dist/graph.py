@@ -182,6 +182,17 @@ class BaseGraph:
     def in_dim(self) -> int:
         return sum(self.vertices[n].dim for n in self.inputs)
 
+    def readout_dim(self, out_dim: int | None = None) -> int:
+        """The readout width: `out_dim`, or the output vertices' dimension when they agree."""
+        if out_dim is None:
+            dims = sorted({self.dim(t) for t in self.outputs})
+            if len(dims) > 1:
+                raise GraphError(f"output vertices have dims {dims}: pass out_dim explicitly (model.out_dim in a config)")
+            return dims[0]
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim <= 0:
+            raise GraphError(f"out_dim {out_dim!r}: must be a positive integer")
+        return out_dim
+
     def in_edges(self, name: str) -> list[Edge]:
         return [e for e in self.edges if e.dst == name]
 

@@ -1,9 +1,13 @@
 """Run observability: progress bar, `metrics.jsonl`, wandb; rank 0 writes, every rank reduces.
 
 `reduce_over_ranks` turns per-rank numbers into layout-wide ones (sum, mean and max over the
-world: the max shows the straggler). `MetricsSink` (rank 0 only) shows a tqdm bar, appends one
-JSON object per record to `<run.dir>/metrics.jsonl` and logs the same to wandb (imported lazily;
-`offline` writes under `<run.dir>/wandb` and never touches the network; `disabled` writes nothing).
+world: the max shows the straggler). `lift_statistics` gathers what the lift and the plan are
+(parameters, edges, degree histograms, halo, exchange mode and bytes per sample per edge).
+`MetricsSink` (rank 0 only) shows a tqdm bar, appends one JSON object per record to
+`<run.dir>/metrics.jsonl` and logs the same to wandb (imported lazily; `offline` writes under
+`<run.dir>/wandb` and never touches the network; `disabled` writes nothing). A run resumed at
+step k first rewrites `metrics.jsonl` to its records up to step k (none when k = 0), so replayed
+steps appear once; wandb resumes the same run id (kept in `<run.dir>/wandb_id`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -43,6 +49,62 @@ def reduce_over_ranks(values: dict[str, float], ops: dict[str, str]) -> dict[str
     return out
 
 
+def lift_statistics(net, layout) -> dict[str, Any]:
+    """Parameters, edges, degree histograms, halo fractions and exchange modes (collective over
+    the lift-parallel group; the same dict on every rank)."""
+    plan = net.plan
+    mine: dict[str, Any] = {"params": sum(p.numel() for p in net.parameters()), "edges": {}, "remote": {},
+                            "hist": {}, "halo_rows": {}, "rows_sent": {}}
+    for e in net.base.edges:
+        ep = plan.edges[e.key]
+        k = str(e)
+        mine["edges"][k], mine["remote"][k] = ep.n_edges, ep.n_edges - ep.n_local
+        deg = np.bincount(ep.row_local, minlength=ep.n_rows)
+        if ep.row_remote is not None:
+            deg = deg + np.bincount(ep.row_remote, minlength=ep.n_rows)
+        mine["hist"][k] = np.bincount(np.minimum(deg, 64), minlength=65)
+        mine["halo_rows"][k] = ep.exchange.n_halo if ep.exchange is not None else 0
+        mine["rows_sent"][k] = ep.exchange.rows_sent() if ep.exchange is not None else 0
+    parts = [mine]
+    if layout.lift_group is not None and layout.lift_parallel > 1:
+        parts = [None] * layout.lift_parallel
+        dist.all_gather_object(parts, mine, group=layout.lift_group)
+    stats: dict[str, Any] = {"params": int(sum(p["params"] for p in parts)),
+                             "edges": int(sum(sum(p["edges"].values()) for p in parts)),
+                             "lift_fingerprint": net.lift.fingerprint(), "per_edge": {}}
+    for e in net.base.edges:
+        k, ex = str(e), plan.edges[e.key].exchange
+        m = sum(p["edges"][k] for p in parts)
+        hist = sum(p["hist"][k] for p in parts)
+        stats["per_edge"][k] = {
+            "edges": int(m), "mean_in_degree": m / net.lift.n(e.dst),
+            "in_degree_hist": {int(d): int(c) for d, c in enumerate(hist) if c},
+            "halo_fraction": sum(p["remote"][k] for p in parts) / max(m, 1),
+            "halo_rows": int(sum(p["halo_rows"][k] for p in parts)),
+            "exchange": ex.mode if ex is not None else "none",
+            "rows_sent_per_sample": int(sum(p["rows_sent"][k] for p in parts)),
+        }
+    return stats
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Keep the records of steps <= start_step (a resumed run replays the steps after it)."""
+    if not path.exists():
+        return
+    keep = []
+    if start_step > 0:
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= start_step:
+                keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 class MetricsSink:
     """Rank 0's outputs: progress bar, metrics.jsonl and wandb."""
 
@@ -54,6 +116,7 @@ class MetricsSink:
         self.wandb_run = None
         if not enabled:
             return
+        _truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a")
         if cfg.run.progress:
             from tqdm import tqdm

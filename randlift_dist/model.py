@@ -1,32 +1,37 @@
 """`LiftedNetwork`: the lifted module of a base network, as an `nn.Module` (one shard per rank).
 
-What a lifted vertex computes (NOTES.md section 2): for each base in-edge `e = (u, v)` of
-`v = pi(j)`, `z_e(j) = sum over lifted edges (i -> j) over e of W_ij @ y_i`, then
-`y_j = act_v(sum_e z_e(j) + b_j)`. Input fibres hold the input `x_v` on every vertex. The output
-is the linear readout `f(x) = c * sum_{t in pi^-1(T)} A_t y_t`.
+What a lifted vertex computes: for each base in-edge `e = (u, v)` of `v = pi(j)`,
+`z_e(j) = sum over lifted edges (i -> j) over e of W_ij @ y_i`, then `y_j = act_v(sum_e z_e(j) + b_j)`.
+Input fibres hold the input `x_v` on every vertex. The output is the linear readout
+`f(x) = c * sum_{t in pi^-1(T)} A_t y_t`.
 
 Parameters are flat per base edge (`[m_e, d_v, d_u]`), per vertex (`[n_v, d_v]` biases) and per
-output vertex (`[n_t, out_dim, d_t]` readout rows); they hold the rows this rank owns. On one
-process the rank owns everything and the model is the plain lifted network; with a partition
-(see `partition.py` and `comm.py`) the same code runs a shard, and the readout's partial sums are
-all-reduced over the lift-parallel group so every rank returns the same output.
+output vertex (`[n_t, out_dim, d_t]` readout rows); they hold the rows this rank owns. Built from
+`(base, lift, plan)`: with no plan the module owns everything (one process, the plain lifted
+network); with a `ShardPlan` (`plan.py`) and a `Communicator` (`comm.py`) the same code runs one
+shard, and the readout's partial sums are summed over the lift-parallel group so every rank
+returns the same output. Building the module communicates nothing: the plan was agreed on before.
 
 Initial values are drawn block-wise from counter-based streams keyed by
 `(seed, stream, base edge or vertex, block)`, so they do not depend on how the lift is sharded.
+A block's edge weights are drawn for all its edges in the sampled `(dst, src)` order (only the
+in-degrees are needed to know how many), then restricted to this rank's targets and put in the
+plan's parameter order.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .graph import ACTIVATIONS, BaseGraph, Edge, edge_key
+from .comm import Communicator, HaloExchange, copy_to_lift_group, reduce_from_lift_group
+from .graph import ACTIVATIONS, BaseGraph, Edge, GraphError, edge_key
 from .lift import STREAM_READOUT, STREAM_WEIGHTS, Lift, block_rng
-from .ops import CSR, aggregate
+from .ops import CSR, IMPLS, aggregate
+from .plan import EdgePlan, ShardPlan, build_plan
 
 READOUT_SCALES = ("sum", "mean", "sqrt")
 READOUT_INITS = ("zero", "normal")
@@ -36,23 +41,21 @@ class EdgeLayer(nn.Module):
     """The lifted edges over one base edge that end at this rank's vertices.
 
     Parameter rows are ordered: edges whose source is on this rank first (sorted by target, then
-    source), then edges whose source is remote (same order). `csr_local` indexes the owner rows
-    of the source fibre, `csr_remote` the halo rows delivered by `exchange`.
+    source), then edges whose source is remote (same order). `csr_local` indexes the source rows
+    held here, `csr_remote` the rows delivered by `exchange`.
     """
 
-    def __init__(self, weight: torch.Tensor, n_local: int, csr_local: CSR, csr_remote: CSR | None,
-                 exchange: Any = None, impl: str = "auto", index: Any = None):
+    def __init__(self, weight: torch.Tensor, ep: EdgePlan, exchange: HaloExchange | None, impl: str):
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.n_local = n_local
-        self.csr_local, self.csr_remote = csr_local, csr_remote
+        self.key, self.n_local, self.impl = ep.key, ep.n_local, impl
+        self.csr_local = CSR(torch.from_numpy(ep.row_local), torch.from_numpy(ep.col_local), ep.n_rows,
+                             ep.n_cols_local)
+        self.csr_remote = None
+        if ep.exchange is not None:
+            self.csr_remote = CSR(torch.from_numpy(ep.row_remote), torch.from_numpy(ep.col_remote), ep.n_rows,
+                                  ep.n_cols_remote)
         self.exchange = exchange
-        self.impl = impl
-        self._index = index  # () -> global (src, dst) in parameter order, computed on demand
-
-    def global_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(src, dst)` global fibre indices of the rows of `weight` (not stored: derived)."""
-        return self._index(self)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -66,9 +69,9 @@ class EdgeLayer(nn.Module):
         w = self.weight
         if self.exchange is None:
             return aggregate(y_src, w, self.csr_local, self.impl)
-        pending = self.exchange.start(y_src)  # remote rows in flight while local edges compute
+        started = self.exchange.start(y_src)  # remote rows in flight while local edges compute
         z = aggregate(y_src, w[: self.n_local], self.csr_local, self.impl)
-        halo = self.exchange.finish(pending)  # [n_halo, d_u, B]
+        halo = self.exchange.finish(started)  # [n_halo, d_u, B]
         return z + aggregate(halo, w[self.n_local:], self.csr_remote, self.impl)
 
 
@@ -76,6 +79,8 @@ class LiftedNetwork(nn.Module):
     """The lifted network of `lift` (a `Lift` of `base`), trainable, with a linear readout.
 
     Args:
+      plan: this rank's `ShardPlan` (None: own everything, one process).
+      comm: the `Communicator` made from the same plan (needed when the plan has exchanges).
       out_dim: readout width (default: the dimension of the output vertices, if they agree).
       readout_scale: `c` in the readout: `sum` (1), `mean` (1/N), `sqrt` (1/sqrt N), N the number
         of lifted output vertices.
@@ -84,41 +89,38 @@ class LiftedNetwork(nn.Module):
       seed: seed of the initial weights (the lift's own seed fixes the edges).
       readout_init: `zero` (default) or `normal` (standard Gaussian readout rows).
       impl: aggregation kernel (`ops.IMPLS`).
-      shard: a `partition.Shard` (ownership and exchange plan of this rank); None: own everything.
     """
 
-    def __init__(self, base: BaseGraph, lift: Lift, out_dim: int | None = None,
-                 readout_scale: str = "sum", weight_scale: float | None = None, seed: int = 0,
-                 readout_init: str = "zero", impl: str = "auto", shard: Any = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, base: BaseGraph, lift: Lift, plan: ShardPlan | None = None, comm: Communicator | None = None,
+                 out_dim: int | None = None, readout_scale: str = "sum", weight_scale: float | None = None,
+                 seed: int = 0, readout_init: str = "zero", impl: str = "auto", dtype: torch.dtype = torch.float32):
         super().__init__()
         if lift.base is not base and lift.base.to_dict() != base.to_dict():
             raise ValueError("the lift was built from another base network: pass the same BaseGraph")
         if readout_scale not in READOUT_SCALES:
             raise ValueError(f"readout_scale {readout_scale!r}: choose one of {READOUT_SCALES}")
-        from .ops import IMPLS
-
         if impl not in IMPLS:
             raise ValueError(f"impl {impl!r}: choose one of {IMPLS}")
         if readout_init not in READOUT_INITS:
             raise ValueError(f"readout_init {readout_init!r}: choose one of {READOUT_INITS}")
         if weight_scale is not None and not (isinstance(weight_scale, (int, float)) and weight_scale > 0):
             raise ValueError(f"weight_scale {weight_scale!r}: must be a number > 0 (or None for 1/sqrt(fan-in))")
-        out_dims = {base.dim(t) for t in base.outputs}
-        if out_dim is None:
-            if len(out_dims) > 1:
-                raise ValueError(f"output vertices have dims {sorted(out_dims)}: pass out_dim explicitly")
-            out_dim = out_dims.pop()
-        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim <= 0:
-            raise ValueError(f"out_dim {out_dim!r}: must be a positive integer")
-        self.base, self.lift, self.out_dim = base, lift, out_dim
+        try:
+            out_dim = base.readout_dim(out_dim)
+        except GraphError as err:
+            raise ValueError(str(err)) from None
+        if plan is None:
+            plan = build_plan(lift)  # one process: no layout, no collective
+        if plan.lift.fingerprint() != lift.fingerprint():
+            raise ValueError("the plan was built for another lift: build it with plan.build_plan(lift, layout)")
+        exchanging = [k for k, ep in plan.edges.items() if ep.exchange is not None]
+        if exchanging and comm is None:
+            raise ValueError("a sharded plan needs its Communicator: comm=Communicator.create(plan, layout) "
+                             "(collective), or use parallelize.shard_network")
+        self.base, self.lift, self.plan, self.out_dim = base, lift, plan, out_dim
+        self.comm = comm or Communicator()
         self.readout_scale, self.seed, self.impl = readout_scale, seed, impl
         self.weight_scale, self.readout_init = weight_scale, readout_init
-        if shard is None:
-            from .partition import Shard
-
-            shard = Shard.single(lift)
-        self.shard = shard
         n_out = sum(lift.n(t) for t in base.outputs)
         self.c = {"sum": 1.0, "mean": 1.0 / n_out, "sqrt": 1.0 / math.sqrt(n_out)}[readout_scale]
 
@@ -126,14 +128,14 @@ class LiftedNetwork(nn.Module):
         self._eid = {e.key: i for i, e in enumerate(base.edges)}
         self.edges = nn.ModuleList(self._build_edge(e, dtype) for e in base.edges)
         self.biases = nn.ParameterDict({
-            f"v{self._vid[v]}": nn.Parameter(torch.zeros(len(shard.own(v)), base.dim(v), dtype=dtype))
+            f"v{self._vid[v]}": nn.Parameter(torch.zeros(plan.n_own(v), base.dim(v), dtype=dtype))
             for v in base.order if base.vertices[v].bias
         })
         self.readouts = nn.ParameterDict({
             f"v{self._vid[t]}": nn.Parameter(self._init_readout(t, dtype)) for t in base.outputs
         })
         for p in self.parameters():
-            p.model_parallel = shard.world_size > 1  # sharded over the lift-parallel group
+            p.model_parallel = plan.world_size > 1  # sharded over the lift-parallel group
 
     # ------------------------------------------------------------ construction
     def _scale(self, v: str) -> float:
@@ -142,25 +144,43 @@ class LiftedNetwork(nn.Module):
         return 1.0 / math.sqrt(max(self.lift.expected_fan_in(v), 1e-12))
 
     def _build_edge(self, e: Edge, dtype: torch.dtype) -> EdgeLayer:
-        lift, shard = self.lift, self.shard
+        ep = self.plan.edges[e.key]
+        w = torch.from_numpy(self._init_weights(e)).to(dtype)  # [m, d_v, d_u], sampled order
+        if ep.local_first is not None:  # the plan's order: local-source edges first
+            order = np.concatenate([np.flatnonzero(ep.local_first), np.flatnonzero(~ep.local_first)])
+            w.copy_(w[torch.from_numpy(order)])
+            del order
+        ex = None if ep.exchange is None else self.comm.halo_exchange(e.key, ep.exchange)
+        return EdgeLayer(w, ep, ex, self.impl)
+
+    def _init_weights(self, e: Edge) -> np.ndarray:
+        """Initial weights of this rank's edges over `e` in the sampled order: block by block,
+        all of a block's edges drawn (its in-degrees say how many), those of own targets kept."""
+        lift, plan = self.lift, self.plan
         d_v, d_u = self.base.dim(e.dst), self.base.dim(e.src)
-        srcs, dsts, ws = [], [], []
-        for b, src, dst, keep in lift.iter_blocks(e, shard.own_or_none(e.dst)):
-            w = block_rng(self.seed, STREAM_WEIGHTS, str(e), b).standard_normal((src.size, d_v, d_u), dtype=np.float32)
-            if keep is not None:
-                src, dst, w = src[keep], dst[keep], w[keep]
-            srcs.append(src), dsts.append(dst), ws.append(w)
-        src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
-        dst = np.concatenate(dsts) if dsts else np.zeros(0, np.int64)
-        w = np.concatenate(ws) if ws else np.zeros((0, d_v, d_u), np.float32)
-        del srcs, dsts, ws  # setup memory: only the concatenated arrays from here on
-        w *= self._scale(e.dst)
-        weight = torch.from_numpy(w).to(dtype)
-        del w
-        return shard.edge_layer(e, weight, src, dst, self.impl)
+        n_v, B = lift.n(e.dst), lift.block_size
+        own = plan.own(e.dst) if plan.n_own(e.dst) < n_v else None
+        blocks = range(lift.num_blocks(e.dst)) if own is None else np.unique(own // B).tolist()
+        out = np.empty((plan.edges[e.key].n_edges, d_v, d_u), dtype=np.float32)
+        at = 0
+        for b in blocks:
+            deg = lift.block_degrees(e, b)
+            w = block_rng(self.seed, STREAM_WEIGHTS, str(e), b).standard_normal((int(deg.sum()), d_v, d_u),
+                                                                                 dtype=np.float32)
+            if own is not None:
+                lo = b * B
+                want = np.zeros(deg.size, dtype=bool)
+                want[own[(own >= lo) & (own < lo + deg.size)] - lo] = True
+                w = w[np.repeat(want, deg)]
+            out[at:at + w.shape[0]] = w
+            at += w.shape[0]
+        if at != out.shape[0]:
+            raise RuntimeError(f"edge {e}: drew {at} weights for {out.shape[0]} planned edges")
+        out *= self._scale(e.dst)
+        return out
 
     def _init_readout(self, t: str, dtype: torch.dtype) -> torch.Tensor:
-        own = self.shard.own(t)
+        own = self.plan.own(t)
         shape = (len(own), self.out_dim, self.base.dim(t))
         if self.readout_init == "zero":
             return torch.zeros(shape, dtype=dtype)
@@ -180,7 +200,7 @@ class LiftedNetwork(nn.Module):
 
     def edge_index(self, e) -> tuple[torch.Tensor, torch.Tensor]:
         """`(src, dst)` int64 fibre indices of this rank's lifted edges over base edge `e`."""
-        src, dst = self.edge_layer(e).global_index()
+        src, dst = self.plan.global_edges(edge_key(e))
         return torch.from_numpy(src), torch.from_numpy(dst)
 
     def edge_weight(self, e) -> torch.Tensor:
@@ -195,13 +215,13 @@ class LiftedNetwork(nn.Module):
         """`[n_t, out_dim, d_t]` readout rows of output fibre t (this rank's rows)."""
         return self.readouts[f"v{self._vid[t]}"]
 
-    def _vname(self, key: str) -> str:
-        """Vertex name of a parameter key `v<i>`."""
+    def vertex_of(self, key: str) -> str:
+        """Vertex name of a bias / readout parameter key `v<i>`."""
         return list(self.base.vertices)[int(key[1:])]
 
-    def vertices(self, v: str) -> torch.Tensor:
+    def own_rows(self, v: str) -> torch.Tensor:
         """Global fibre indices of the rows of fibre v held by this rank (row order of bias/readout)."""
-        return torch.from_numpy(self.shard.own(v))
+        return torch.from_numpy(self.plan.own(v))
 
     def num_edges(self) -> int:
         return sum(layer.weight.shape[0] for layer in self.edges)
@@ -213,16 +233,13 @@ class LiftedNetwork(nn.Module):
         if x.dim() != 2 or x.shape[1] != base.in_dim:
             raise ValueError(f"input of shape {tuple(x.shape)}: expected [batch, {base.in_dim}] "
                              f"(inputs {base.inputs} concatenated in declaration order)")
-        x = x.to(self._dtype())
-        if self.shard.world_size > 1:  # every rank uses all of x: its gradient sums the shards' parts
-            from .comm import copy_to_group
-
-            x = copy_to_group(x, self.shard.group)
+        # every rank uses all of x: its gradient sums the shards' parts
+        x = copy_to_lift_group(x.to(self._dtype()), self.comm.lift_group)
         ys: dict[str, torch.Tensor] = {}
         off = 0
         for v in base.inputs:
             d = base.dim(v)
-            ys[v] = x[:, off:off + d].t().unsqueeze(0).expand(len(self.shard.own(v)), d, x.shape[0])
+            ys[v] = x[:, off:off + d].t().unsqueeze(0).expand(self.lift.n(v), d, x.shape[0])
             off += d
         for v in base.order:
             if v in ys:
@@ -243,7 +260,8 @@ class LiftedNetwork(nn.Module):
         for t in self.base.outputs:
             part = torch.einsum("nod,ndb->bo", self.readout_weight(t), ys[t])
             out = part if out is None else out + part
-        return self.shard.reduce_readout(out * self.c)
+        return reduce_from_lift_group(out * self.c, self.comm.lift_group)
 
     def _dtype(self) -> torch.dtype:
         return next(iter(self.readouts.values())).dtype
+

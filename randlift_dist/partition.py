@@ -1,32 +1,30 @@
-"""Ownership of lifted vertices by the ranks of a lift-parallel group, and a rank's `Shard`.
+"""Ownership of lifted vertices by the ranks of a lift-parallel group: the partition strategies.
 
-A partition maps every vertex of every non-input fibre to one rank (`owner[v]`, an int32 array of
-size `n_v`: O(vertices), never O(edges)). Input fibres are replicated: every rank holds the input.
-A rank owns the targets assigned to it, holds the weights of the lifted edges that END there, and
-samples only those edges (block-wise, see `lift.py`).
+A partition gives every non-input fibre an `Ownership`: the owner rank of each of its vertices.
+Input fibres are replicated (every rank holds the input) and have none. Strategies:
 
-Strategies:
-- `block` (default): per fibre, contiguous ranges balanced by in-edge count (all base in-edges of
+- `block` (default): per fibre, contiguous ranges balanced by in-edge work (all base in-edges of
   the fibre counted), with boundaries snapped to sampling blocks when the fibre is large enough
-  that snapping costs little balance, so each rank samples whole blocks.
+  that snapping costs little balance, so each rank samples whole blocks. Stored as `P + 1`
+  boundaries: O(P) memory per fibre, whatever its size. Balancing reads the in-degrees block by
+  block (no sources are drawn) and keeps one number per sampling block, plus the vertex-level
+  loads of the few blocks a boundary falls into.
 - `graph`: METIS (pymetis) on the whole lifted graph, then a greedy cut-aware pass that restores
   the balance of every fibre (pymetis offers a single balance constraint); for lifts small
   enough to partition on one host. Cuts far fewer edges than `block` at small degree.
 - `random`: a seeded random balanced assignment; the no-locality baseline.
+`graph` and `random` store an owner per vertex (`O(n)`; they are for lifts that fit one host).
 
 Partitions depend only on the lift and the strategy (never on the rank), so every rank computes
-the same ownership independently.
+the same ownership independently. Nothing here communicates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
-import torch
 
-from .comm import ALLGATHER_THRESHOLD
 from .lift import Lift
 
 STRATEGIES = ("block", "graph", "random")
@@ -36,56 +34,137 @@ class PartitionError(ValueError):
     """A partition request does not fit the lift; the message names the value and the fix."""
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ownership:
+    """The owner rank of every vertex of one fibre of `n` vertices, over `world_size` ranks.
+
+    Either contiguous ranges (`bounds`, `[P + 1]` ascending: rank r owns `[bounds[r],
+    bounds[r + 1])`) or one owner per vertex (`owner`, int32 `[n]`). A rank's rows are always its
+    vertices in increasing global index: `position(i)` is the row of vertex i in its owner's rows.
+    """
+
+    n: int
+    world_size: int
+    bounds: np.ndarray | None = None
+    owner: np.ndarray | None = None
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def ranges(cls, bounds) -> "Ownership":
+        b = np.asarray(bounds, dtype=np.int64)
+        return cls(int(b[-1]), b.size - 1, bounds=b)
+
+    @classmethod
+    def per_vertex(cls, owner: np.ndarray, world_size: int) -> "Ownership":
+        return cls(int(owner.size), world_size, owner=np.asarray(owner, dtype=np.int32))
+
+    @property
+    def contiguous(self) -> bool:
+        return self.bounds is not None
+
+    def counts(self) -> np.ndarray:
+        """Vertices per rank, int64 `[P]`."""
+        if self.contiguous:
+            return np.diff(self.bounds)
+        return np.bincount(self.owner, minlength=self.world_size).astype(np.int64)
+
+    def count(self, rank: int) -> int:
+        return int(self.counts()[rank])
+
+    def own(self, rank: int) -> np.ndarray:
+        """Sorted global indices (int64) owned by `rank`."""
+        if self.contiguous:
+            return np.arange(self.bounds[rank], self.bounds[rank + 1], dtype=np.int64)
+        return np.flatnonzero(self.owner == rank).astype(np.int64)
+
+    def owner_of(self, idx: np.ndarray) -> np.ndarray:
+        """Owner rank (int64) of each global index in `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.contiguous:
+            return np.searchsorted(self.bounds, idx, side="right").astype(np.int64) - 1
+        return self.owner[idx].astype(np.int64)
+
+    def position(self, idx: np.ndarray) -> np.ndarray:
+        """Row (int64) of each global index in its owner's rows."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.contiguous:
+            return idx - self.bounds[self.owner_of(idx)]
+        if "pos" not in self._cache:  # O(n) once: graph / random partitions are O(n) anyway
+            order = np.argsort(self.owner, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(self.counts())])
+            pos = np.empty(self.n, dtype=np.int64)
+            pos[order] = np.arange(self.n) - starts[self.owner[order]]
+            self._cache["pos"] = pos
+        return self._cache["pos"][idx]
+
+    def owner_array(self) -> np.ndarray:
+        """The owner of every vertex, int32 `[n]` (materialised: for statistics and tests)."""
+        if self.contiguous:
+            return np.repeat(np.arange(self.world_size, dtype=np.int32), self.counts())
+        return self.owner
+
+
+def hidden_fibres(lift: Lift) -> list[str]:
+    """The non-input fibres, in topological order (the ones a partition assigns)."""
+    return [v for v in lift.base.order if lift.base.vertices[v].role != "input"]
+
+
 # ---------------------------------------------------------------- strategies
-def _vertex_load(lift: Lift, v: str) -> np.ndarray:
-    """Work per target vertex of fibre v: in-edges times the block size of each message."""
-    load = np.zeros(lift.n(v), dtype=np.float64)
+def _block_loads(lift: Lift, v: str, blocks: range) -> np.ndarray:
+    """Work per target vertex of the given sampling blocks of fibre v: in-edges times the size of
+    each message block, plus one for the vertex map and readout row."""
+    B, n = lift.block_size, lift.n(v)
+    lo, hi = blocks.start * B, min(blocks.stop * B, n)
+    load = np.ones(hi - lo, dtype=np.float64)
     for e in lift.base.in_edges(v):
-        load += lift.in_degrees(e) * lift.base.dim(e.src) * lift.base.dim(v)
-    return load + 1.0  # the vertex map and readout row
+        scale = lift.base.dim(e.src) * lift.base.dim(v)
+        deg = np.concatenate([lift.block_degrees(e, b) for b in blocks]) if len(blocks) else np.zeros(0)
+        load += deg * scale
+    return load
 
 
-def block_partition(lift: Lift, world_size: int) -> dict[str, np.ndarray]:
-    owners = {}
+def block_partition(lift: Lift, world_size: int) -> dict[str, Ownership]:
+    """Contiguous ranges per fibre, balanced by in-edge work (see the module doc)."""
+    out = {}
     B = lift.block_size
-    for v in lift.base.order:
-        if lift.base.vertices[v].role == "input":
-            continue
-        n = lift.n(v)
-        load = _vertex_load(lift, v)
-        cum = np.concatenate([[0.0], np.cumsum(load)])
-        targets = cum[-1] * np.arange(1, world_size) / world_size
-        cuts = np.searchsorted(cum, targets, side="left")  # vertex boundaries
+    for v in hidden_fibres(lift):
+        n, nb = lift.n(v), lift.num_blocks(v)
+        per_block = np.array([_block_loads(lift, v, range(b, b + 1)).sum() for b in range(nb)])
+        cum_block = np.concatenate([[0.0], np.cumsum(per_block)])
+        targets = cum_block[-1] * np.arange(1, world_size) / world_size
+        # the vertex-level cut: the first vertex whose cumulative load reaches the target
+        cuts = np.zeros(world_size - 1, dtype=np.int64)
+        for k, t in enumerate(targets):
+            b = min(int(np.searchsorted(cum_block, t, side="left")) - 1, nb - 1)
+            b = max(b, 0)
+            cum = cum_block[b] + np.cumsum(_block_loads(lift, v, range(b, b + 1)))
+            cum = np.concatenate([[cum_block[b]], cum])
+            cuts[k] = b * B + int(np.searchsorted(cum, t, side="left"))
         if n >= 8 * B * world_size:
             cuts = np.clip(np.rint(cuts / B).astype(np.int64) * B, 0, n)
-        bounds = np.concatenate([[0], cuts, [n]]).astype(np.int64)
-        bounds = np.maximum.accumulate(bounds)
-        owner = np.zeros(n, dtype=np.int32)
-        for r in range(world_size):
-            owner[bounds[r]:bounds[r + 1]] = r
-        owners[v] = owner
-    return owners
+        bounds = np.maximum.accumulate(np.concatenate([[0], cuts, [n]]).astype(np.int64))
+        out[v] = Ownership.ranges(np.minimum(bounds, n))
+    return out
 
 
-def random_partition(lift: Lift, world_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    owners = {}
+def random_partition(lift: Lift, world_size: int, seed: int = 0) -> dict[str, Ownership]:
+    out = {}
     for i, v in enumerate(lift.base.order):
         if lift.base.vertices[v].role == "input":
             continue
-        n = lift.n(v)
         rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, lift.seed, 7, i])))
-        owners[v] = (rng.permutation(n) % world_size).astype(np.int32)
-    return owners
+        out[v] = Ownership.per_vertex(rng.permutation(lift.n(v)) % world_size, world_size)
+    return out
 
 
-def graph_partition(lift: Lift, world_size: int, max_edges: int = 20_000_000) -> dict[str, np.ndarray]:
+def graph_partition(lift: Lift, world_size: int, max_edges: int = 20_000_000) -> dict[str, Ownership]:
     try:
         import pymetis
     except ImportError:
         raise PartitionError("partition strategy 'graph' needs pymetis: pip install pymetis "
                              "(or choose strategy 'block')") from None
     base = lift.base
-    hidden = [v for v in base.order if base.vertices[v].role != "input"]
+    hidden = hidden_fibres(lift)
     total = sum(lift.expected_edges(e) for e in base.edges if e.src in hidden)
     if total > max_edges:
         raise PartitionError(f"partition strategy 'graph' on a lift with ~{total:.3g} edges: more than "
@@ -94,7 +173,7 @@ def graph_partition(lift: Lift, world_size: int, max_edges: int = 20_000_000) ->
     for v in hidden:
         offset[v], off = off, off + lift.n(v)
     if world_size == 1:
-        return {v: np.zeros(lift.n(v), np.int32) for v in hidden}
+        return {v: Ownership.per_vertex(np.zeros(lift.n(v), np.int32), 1) for v in hidden}
     rows, cols = [], []
     for e in base.edges:
         if e.src not in offset:
@@ -121,7 +200,7 @@ def graph_partition(lift: Lift, world_size: int, max_edges: int = 20_000_000) ->
     parts = np.asarray(parts, dtype=np.int32)
     for v in hidden:
         _rebalance_fibre(parts, xadj, b, offset[v], lift.n(v), world_size)
-    return {v: parts[offset[v]:offset[v] + lift.n(v)].copy() for v in hidden}
+    return {v: Ownership.per_vertex(parts[offset[v]:offset[v] + lift.n(v)].copy(), world_size) for v in hidden}
 
 
 def _rebalance_fibre(parts: np.ndarray, xadj: np.ndarray, adjncy: np.ndarray, lo: int, n: int, P: int) -> None:
@@ -149,8 +228,8 @@ def _rebalance_fibre(parts: np.ndarray, xadj: np.ndarray, adjncy: np.ndarray, lo
         parts[move] = dst_part
 
 
-def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: int = 0) -> dict[str, np.ndarray]:
-    """Owner rank of every vertex of every non-input fibre."""
+def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: int = 0) -> dict[str, Ownership]:
+    """The `Ownership` of every non-input fibre over `world_size` ranks."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise PartitionError(f"lift-parallel size {world_size!r}: must be a positive integer")
     if strategy == "block":
@@ -160,118 +239,3 @@ def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: i
     if strategy == "graph":
         return graph_partition(lift, world_size)
     raise PartitionError(f"partition strategy {strategy!r}: choose one of {STRATEGIES}")
-
-
-def _index_dtype(n: int):
-    """int32 for fibre-sized index arrays when it fits: they are O(n) on every rank."""
-    return np.int32 if n < 2**31 else np.int64
-
-
-# ---------------------------------------------------------------- a rank's shard
-@dataclasses.dataclass
-class Shard:
-    """What one rank of a lift-parallel group holds: its vertices and, via `comm`, its exchanges.
-
-    `owners[v]` is the owner rank of every vertex of fibre v (non-input fibres only).
-    `group` is the lift-parallel process group (None at world size 1).
-    `exchange` is `auto`, `alltoall` or `allgather` (see `comm.choose_mode`).
-    """
-
-    lift: Lift
-    owners: dict[str, np.ndarray]
-    rank: int = 0
-    world_size: int = 1
-    group: Any = None
-    exchange: str = "auto"
-    allgather_threshold: float = ALLGATHER_THRESHOLD
-    group_ranks: list[list[int]] | None = None  # the ranks of every lift-parallel group of the world
-
-    def __post_init__(self):
-        self._own: dict[str, np.ndarray] = {}
-        self._pos: dict[str, np.ndarray] = {}
-        self._pos_in_owner: dict[str, np.ndarray] = {}
-        self.plans: dict[tuple[str, str], Any] = {}
-        from .comm import CommStats
-
-        self.stats = CommStats()
-
-    @classmethod
-    def single(cls, lift: Lift) -> "Shard":
-        owners = {v: np.zeros(lift.n(v), np.int32) for v in lift.base.order
-                  if lift.base.vertices[v].role != "input"}
-        return cls(lift, owners)
-
-    @classmethod
-    def create(cls, lift: Lift, layout, strategy: str = "block", exchange: str = "auto",
-               allgather_threshold: float = ALLGATHER_THRESHOLD) -> "Shard":
-        """This rank's shard for a `layout.Layout` (its lift-parallel group and rank)."""
-        from .comm import MODES
-
-        if exchange not in MODES:
-            raise PartitionError(f"exchange mode {exchange!r}: choose one of {MODES}")
-        P = layout.lift_parallel
-        if strategy == "graph" and P > 1:  # one METIS run, broadcast: every rank gets the same owners
-            import torch.distributed as dist
-
-            box = [make_partition(lift, P, strategy) if layout.lift_rank == 0 else None]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(layout.lift_group, 0), group=layout.lift_group)
-            owners = box[0]
-        else:
-            owners = make_partition(lift, P, strategy)
-        return cls(lift, owners, layout.lift_rank, P, layout.lift_group, exchange, allgather_threshold,
-                   layout.lift_group_ranks())
-
-    def is_input(self, v: str) -> bool:
-        return self.lift.base.vertices[v].role == "input"
-
-    def own(self, v: str) -> np.ndarray:
-        """Sorted global indices of fibre v held here (inputs: the whole fibre)."""
-        if v not in self._own:
-            if self.is_input(v) or self.world_size == 1:
-                self._own[v] = np.arange(self.lift.n(v), dtype=np.int64)
-            else:
-                self._own[v] = np.flatnonzero(self.owners[v] == self.rank).astype(np.int64)
-        return self._own[v]
-
-    def own_or_none(self, v: str) -> np.ndarray | None:
-        """`own(v)`, or None when it is the whole fibre (so sampling needs no mask)."""
-        own = self.own(v)
-        return None if own.size == self.lift.n(v) else own
-
-    def local_pos(self, v: str) -> np.ndarray:
-        """Global index -> row in `own(v)` (-1 where not held here); O(n_v) int64, cached."""
-        if v not in self._pos:
-            pos = np.full(self.lift.n(v), -1, dtype=_index_dtype(self.lift.n(v)))
-            own = self.own(v)
-            pos[own] = np.arange(own.size)
-            self._pos[v] = pos
-        return self._pos[v]
-
-    def pos_in_owner(self, v: str) -> np.ndarray:
-        """Global index -> row in its owner's `own(v)` list (for the all-gather layout)."""
-        if v not in self._pos_in_owner:
-            owner = self.owners[v]
-            order = np.argsort(owner, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=self.world_size))])
-            pos = np.empty(owner.size, dtype=_index_dtype(owner.size))
-            pos[order] = np.arange(owner.size) - starts[owner[order]]
-            self._pos_in_owner[v] = pos
-        return self._pos_in_owner[v]
-
-    def edge_layer(self, e, w: torch.Tensor, src: np.ndarray, dst: np.ndarray, impl: str):
-        from .comm import build_edge_layer
-
-        return build_edge_layer(self, e, w, src, dst, impl)
-
-    def reduce_readout(self, out: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return out
-        from .comm import all_reduce_sum
-
-        return all_reduce_sum(out, self.group)
-
-
-if __name__ == "__main__":  # python -m randlift_dist.partition: plan statistics without a cluster
-    from randlift_dist.planstats import main
-
-    main()

@@ -6,9 +6,10 @@ and lifted edges per rank, the cut fraction, the halo, the bytes per sample each
 lower bound and the all-gather volume, and the exchange mode each edge would use.
 
 Invariant: the numbers equal a real run's. The planner calls the functions the real run calls
-(`partition.make_partition`, `Lift.edges`, `comm.split_edges`, `comm.choose_mode`,
-`comm.EdgePlan.rows_sent`); only the collective of `comm.build_plan` (which tells each owner how
-many of its rows each peer needs) is replaced by a `P x P` count matrix filled rank by rank.
+(`partition.make_partition`, `Lift.edges`, `plan.split_edges`, `plan.plan_edge_exchange`,
+`plan.rows_sent`); only the collective of `plan.build_plan` (the all-gather of the need matrix:
+how many rows each rank needs from each other) is replaced by the same `P x P` matrix filled rank
+by rank.
 As in the real run, world size 1 and base edges out of input fibres (replicated on every rank)
 exchange nothing: their mode is `none`.
 
@@ -25,7 +26,7 @@ re-sampling every block each rank touches (with the `random` strategy every rank
 block, so per-rank sampling costs `P` times the whole lift: that is also a real rank's setup cost).
 The `graph` strategy builds the whole lifted graph anyway (in `make_partition`, as a real rank does).
 
-CLI: `python -m randlift_dist.partition --config FILE --world-size P [--strategy S]
+CLI: `python -m randlift_dist.planstats --config FILE --world-size P [--strategy S]
 [--exchange auto|alltoall|allgather] [--json]` prints a table (or the JSON of the dict).
 """
 
@@ -37,13 +38,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from .comm import ALLGATHER_THRESHOLD, MODES, EdgePlan, choose_mode, split_edges
 from .config import ConfigError, load_config
 from .graph import Edge, GraphError
 from .lift import Lift, LiftError
-from .partition import STRATEGIES, PartitionError, make_partition
+from .partition import STRATEGIES, Ownership, PartitionError, make_partition
+from .plan import ALLGATHER_THRESHOLD, MODES, plan_edge_exchange, rows_sent, split_edges
 
 MAX_CACHED_EDGES = 1 << 22  # lifted edges of one base edge sampled at once (about 100 MB peak)
 
@@ -54,27 +54,27 @@ def lift_from_config_file(path: str) -> Lift:
 
 
 # ---------------------------------------------------------------- statistics
-def rank_sources(lift: Lift, e: Edge, owners_v: np.ndarray, world_size: int,
+def rank_sources(lift: Lift, e: Edge, owners_v: Ownership, world_size: int,
                  max_cached_edges: int = MAX_CACHED_EDGES) -> Iterator[tuple[int, np.ndarray]]:
     """`(rank, src)` for every rank: the sources of the in-edges over `e` that the rank samples,
     in the real run's order (`Lift.edges(e, own targets)`)."""
     if lift.expected_edges(e) <= max_cached_edges:
         src, dst = lift.edges(e)
-        owner = owners_v[dst]
+        owner = owners_v.owner_of(dst)
         order = np.argsort(owner, kind="stable")  # keeps the (dst, src) order within each rank
         ends = np.cumsum(np.bincount(owner, minlength=world_size))
         for r in range(world_size):
             yield r, src[order[ends[r - 1] if r else 0:ends[r]]]
         return
     for r in range(world_size):
-        yield r, lift.edges(e, np.flatnonzero(owners_v == r))[0]
+        yield r, lift.edges(e, owners_v.own(r))[0]
 
 
 def _mean_max(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(x.mean()), "max": int(x.max())}
 
 
-def _edge_stats(lift: Lift, e: Edge, owners: dict[str, np.ndarray], P: int, exchange: str,
+def _edge_stats(lift: Lift, e: Edge, owners: dict[str, Ownership], P: int, exchange: str,
                 threshold: float, element_size: int, max_cached_edges: int
                 ) -> tuple[dict[str, Any], np.ndarray]:
     """One base edge: every rank's edges and halo, then the mode and bytes as `build_plan` finds
@@ -89,34 +89,31 @@ def _edge_stats(lift: Lift, e: Edge, owners: dict[str, np.ndarray], P: int, exch
     for r, src in rank_sources(lift, e, owners[v], P, max_cached_edges):
         n_edges[r] = src.size
         if exchanges:
-            sp = split_edges(owners[u], n_u, r, src)
+            sp = split_edges(owners[u], r, src)
             n_remote[r] = src.size - sp.n_local
             need[r] = np.bincount(sp.halo_owner, minlength=P)
     halo = need.sum(axis=1)
-    own_u = np.bincount(owners[u], minlength=P) if u in owners else np.full(P, n_u)  # inputs: replicated
+    own_u = owners[u].counts() if u in owners else np.full(P, n_u)  # inputs: replicated
     out = {
         "edge": str(e), "d_src": lift.base.dim(u), "row_bytes": row_bytes,
-        "vertices_per_rank": _mean_max(np.bincount(owners[v], minlength=P)),
+        "vertices_per_rank": _mean_max(owners[v].counts()),
         "edges": int(n_edges.sum()), "edges_per_rank": _mean_max(n_edges),
         "remote_edges": int(n_remote.sum()),
         "cut_fraction": float(n_remote.sum() / max(n_edges.sum(), 1)),
         "halo_rows": int(halo.sum()), "max_own_src": int(own_u.max()),
     }
-    if not exchanges:  # world size 1, or a replicated input fibre: `build_edge_layer` plans nothing
+    if not exchanges:  # world size 1, or a replicated input fibre: `build_plan` plans no exchange
         return out | {"mode": "none", "bytes_per_rank": [0] * P, "bytes_per_sample": {"sum": 0, "max_rank": 0},
                       "lower_bound_bytes": 0, "allgather_bytes": 0}, n_edges
-    max_own = int(own_u.max())
-    mode = choose_mode(int(halo.sum()), P * (P - 1) * max_own, exchange, threshold)
     sent = []
-    for r in range(P):  # the rank's own plan: it sends need[:, r], receives need[r]
-        plan = EdgePlan(str(e), mode, torch.zeros(0, dtype=torch.int64), need[:, r].tolist(), need[r].tolist(),
-                        np.zeros(0, np.int64), int(own_u[r]), max_own, row_bytes, P)
-        sent.append(plan.bytes_per_sample())
+    for r in range(P):  # the rank's own plan, from the same need matrix as the collective's
+        mode, send_splits, _, max_own = plan_edge_exchange(need, owners[u], r, exchange, threshold)
+        sent.append(rows_sent(mode, sum(send_splits), max_own, P) * row_bytes)
     sent = np.asarray(sent, np.int64)
     return out | {"mode": mode, "bytes_per_rank": sent.tolist(),
                   "bytes_per_sample": {"sum": int(sent.sum()), "max_rank": int(sent.max())},
                   "lower_bound_bytes": int(halo.sum()) * row_bytes,
-                  "allgather_bytes": P * (P - 1) * max_own * row_bytes}, n_edges
+                  "allgather_bytes": rows_sent("allgather", 0, max_own, P) * P * row_bytes}, n_edges
 
 
 def plan_statistics(lift: Lift, world_size: int, strategy: str = "block", exchange: str = "auto",
@@ -142,7 +139,7 @@ def plan_statistics(lift: Lift, world_size: int, strategy: str = "block", exchan
                                        max_cached_edges)
         edges.append(stats)
         per_rank_edges += n_edges_r
-    verts = sum((np.bincount(o, minlength=P) for o in owners.values()), np.zeros(P, np.int64))
+    verts = sum((o.counts() for o in owners.values()), np.zeros(P, np.int64))
     sent = sum((np.asarray(s["bytes_per_rank"], np.int64) for s in edges), np.zeros(P, np.int64))
     n_edges, n_remote = sum(s["edges"] for s in edges), sum(s["remote_edges"] for s in edges)
     modes: dict[str, int] = {}
@@ -211,8 +208,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m randlift_dist.partition --config FILE --world-size P [...]`: plan statistics."""
-    ap = _Parser(prog="python -m randlift_dist.partition",
+    """`python -m randlift_dist.planstats --config FILE --world-size P [...]`: plan statistics."""
+    ap = _Parser(prog="python -m randlift_dist.planstats",
                  description="Communication-plan statistics of a lift sharded over P ranks, computed "
                              "in one process (no cluster needed).")
     ap.add_argument("--config", required=True, help="YAML config with model.base and model.lift")

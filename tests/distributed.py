@@ -1,6 +1,7 @@
 """Spawning real gloo worlds on CPU for tests: `run_world(fn, world_size, *args)`.
 
-Each worker initialises the default process group on a free local port, runs `fn(rank,
+Each worker initialises the default process group through a `file://` store in a fresh temporary
+directory (no port to pick, so no race with other processes for a free port), runs `fn(rank,
 world_size, *args)`, and sends back its return value (or its traceback). The parent fails the
 test on a worker error or a timeout, and never leaves workers behind.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import socket
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -21,15 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, queue, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _worker(fn, rank, world_size, store, queue, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         dist.barrier()
         queue.put((rank, "ok", pickle.dumps(result)))  # plain pickle: no shared-memory fds
@@ -45,8 +47,9 @@ def run_world(fn: Callable[..., Any], world_size: int, *args, timeout: float = 2
     """Run `fn` on `world_size` spawned gloo ranks; return the results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args), daemon=True)
+    tmp = tempfile.mkdtemp(prefix="randlift_world_")
+    store = os.path.join(tmp, "store")
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, queue, args), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -77,6 +80,7 @@ def run_world(fn: Callable[..., Any], world_size: int, *args, timeout: float = 2
             p.join(timeout=5 if not errors else 0.5)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]

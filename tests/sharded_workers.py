@@ -2,9 +2,9 @@
 
 A world costs seconds to start, so one world checks many things: for every base graph, partition
 strategy and exchange mode it builds the sharded network, compares it with the world-size-1
-network of the same seed (built in the same process: `shard=None` owns everything and skips every
-exchange), checks the byte accounting against the plan and the plan against a halo lower bound
-computed here from the gathered edge lists, and trains a few SGD steps.
+network of the same seed (built in the same process: no plan owns everything and skips every
+exchange), checks the plan against a halo lower bound computed here from the gathered edge lists,
+the bytes the exchanges counted against that independent count, and trains a few SGD steps.
 
 Workers never raise on a failed comparison: every rank must reach the same collectives, so a
 check only appends a record `(label, ok, detail)` under a category; the parent asserts on them.
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from randlift_dist import BaseGraph, Layout, LayoutError, PartitionError, Shard, random_sparse_lift
+from randlift_dist import (BaseGraph, Communicator, Layout, LayoutError, PartitionError, build_plan,
+                           random_sparse_lift)
 from randlift_dist.export import gather_network
 from randlift_dist.model import LiftedNetwork
 
@@ -94,6 +95,13 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * (out - target).pow(2).mean()  # target broadcasts over the readout width
 
 
+def sharded(base, lift, layout, strategy: str, mode: str, **kw):
+    """`(plan, net)`: the plan (collective), its communicator (collective), the network (local)."""
+    plan = build_plan(lift, layout, strategy, mode)
+    comm = Communicator.create(plan, layout)
+    return plan, LiftedNetwork(base, lift, plan, comm, **kw)
+
+
 # ---------------------------------------------------------------- recording checks
 class Checks:
     def __init__(self, rank: int):
@@ -134,27 +142,31 @@ class Checks:
 
 
 # ---------------------------------------------------------------- independent plan checks
-def check_ownership(ck: Checks, label: str, shard, lift, group) -> None:
+def check_ownership(ck: Checks, label: str, plan, lift, group) -> None:
     """Same owners on every rank; each non-input vertex owned by exactly one rank."""
-    owners = {v: o.copy() for v, o in shard.owners.items()}
-    parts: list = [None] * shard.world_size
+    owners = {v: o.owner_array().copy() for v, o in plan.owners.items()}
+    parts: list = [None] * plan.world_size
     dist.all_gather_object(parts, owners, group=group)
     for v in owners:
         ck.add("plan", f"{label} owners[{v}] identical on all ranks",
                all(np.array_equal(p[v], owners[v]) for p in parts))
         o = owners[v]
         ck.add("plan", f"{label} owners[{v}] valid", o.shape == (lift.n(v),) and o.min() >= 0
-               and o.max() < shard.world_size, f"shape {o.shape}, range [{o.min()}, {o.max()}]")
+               and o.max() < plan.world_size, f"shape {o.shape}, range [{o.min()}, {o.max()}]")
         ck.add("plan", f"{label} own({v}) = owners == rank",
-               np.array_equal(shard.own(v), np.flatnonzero(o == shard.rank)))
+               np.array_equal(plan.own(v), np.flatnonzero(o == plan.rank)))
 
 
-def check_plans(ck: Checks, label: str, net, shard, lift, base, group) -> None:
-    """Gather every rank's edge list; rebuild the halos and compare them with the plans."""
-    P, r = shard.world_size, shard.rank
+def check_plans(ck: Checks, label: str, net, plan, lift, base, group) -> dict[str, tuple[int, int]]:
+    """Gather every rank's edge list; rebuild the halos and compare them with the plans.
+
+    Returns, per exchanging base edge, the rows this rank must send in the forward and in the
+    backward, counted here from the gathered edge lists and the owners (not from the plan)."""
+    P, r = plan.world_size, plan.rank
     mine = {e.key: tuple(t.numpy().copy() for t in net.edge_index(e)) for e in base.edges}
     parts: list = [None] * P
     dist.all_gather_object(parts, mine, group=group)
+    rows = {}
     for e in base.edges:
         # the union of the shards' edges is the lift's (global, world-size-1) edge list
         src = np.concatenate([p[e.key][0] for p in parts])
@@ -164,45 +176,43 @@ def check_plans(ck: Checks, label: str, net, shard, lift, base, group) -> None:
         ck.add("plan", f"{label} {e}: union of shard edges = lift edges",
                np.array_equal(src[order], g_src) and np.array_equal(dst[order], g_dst))
         # owner computes: every rank holds exactly the edges ending at its vertices
-        owner_v = shard.owners[e.dst]
+        owner_v = plan.owners[e.dst].owner_array()
         ck.add("plan", f"{label} {e}: edges end at own vertices",
                all((owner_v[p[e.key][1]] == q).all() for q, p in enumerate(parts)))
+        ex = plan.edges[e.key].exchange
         if base.vertices[e.src].role == "input":
-            ck.add("plan", f"{label} {e}: input edge has no plan", e.key not in shard.plans)
+            ck.add("plan", f"{label} {e}: input edge has no exchange", ex is None)
             continue
-        plan = shard.plans.get(e.key)
-        if plan is None:
-            ck.add("plan", f"{label} {e}: plan exists", False, "no plan")
+        if ex is None:
+            ck.add("plan", f"{label} {e}: exchange exists", False, "no exchange")
             continue
-        owner_u = shard.owners[e.src]
+        owner_u = plan.owners[e.src].owner_array()
         halos = []  # distinct remote sources of rank q's edges
         for q, p in enumerate(parts):
-            s = p[e.key][0]
-            halos.append(np.unique(s[owner_u[s] != q]))
+            s_ = p[e.key][0]
+            halos.append(np.unique(s_[owner_u[s_] != q]))
         recv = halos[r].size
         send = sum(int((owner_u[h] == r).sum()) for h in halos)
-        ck.equal("plan", f"{label} {e}: halo rows received (lower bound)", int(sum(plan.recv_splits)), recv)
-        ck.equal("plan", f"{label} {e}: alltoall rows sent = lower bound", plan.rows_sent("alltoall"), send)
-        ck.equal("plan", f"{label} {e}: halo rows by peer", list(plan.recv_splits),
+        ck.equal("plan", f"{label} {e}: halo rows received (lower bound)", ex.n_halo, recv)
+        ck.equal("plan", f"{label} {e}: alltoall rows sent = lower bound", ex.rows_sent("alltoall"), send)
+        ck.equal("plan", f"{label} {e}: halo rows by peer", list(ex.recv_splits),
                  [int((owner_u[halos[r]] == q).sum()) for q in range(P)])
         max_own = int(np.bincount(owner_u, minlength=P).max())
-        ck.equal("plan", f"{label} {e}: allgather rows sent", plan.rows_sent("allgather"), max_own * (P - 1))
-        ck.equal("plan", f"{label} {e}: row bytes", plan.row_bytes, base.dim(e.src) * 4)
-        ck.equal("plan", f"{label} {e}: bytes per sample", plan.bytes_per_sample(),
-                 plan.rows_sent() * base.dim(e.src) * 4)
+        ck.equal("plan", f"{label} {e}: allgather rows sent", ex.rows_sent("allgather"), max_own * (P - 1))
         modes: list = [None] * P
-        dist.all_gather_object(modes, plan.mode, group=group)
+        dist.all_gather_object(modes, ex.mode, group=group)
         ck.add("plan", f"{label} {e}: same mode on all ranks", len(set(modes)) == 1, str(modes))
-        if shard.exchange != "auto":
-            ck.equal("plan", f"{label} {e}: requested mode", plan.mode, shard.exchange)
+        if plan.exchange != "auto":
+            ck.equal("plan", f"{label} {e}: requested mode", ex.mode, plan.exchange)
         else:  # auto: all-gather iff the halo rows reach the threshold of the all-gather volume
             total = sum(h.size for h in halos)
-            want = "allgather" if total >= shard.allgather_threshold * P * (P - 1) * max_own else "alltoall"
-            ck.equal("plan", f"{label} {e}: auto mode", plan.mode, want)
-
-
-def expected_bytes(shard, base, B: int) -> int:
-    return sum(p.rows_sent() * base.dim(u) * 4 * B for (u, _), p in shard.plans.items())
+            want = "allgather" if total >= plan.allgather_threshold * P * (P - 1) * max_own else "alltoall"
+            ck.equal("plan", f"{label} {e}: auto mode", ex.mode, want)
+        # independent counts: all-to-all sends the rows peers need and gets its halo's gradients
+        # back; all-gather sends its padded shard to P - 1 peers both ways (reduce-scatter back)
+        d = base.dim(e.src)
+        rows[str(e)] = (send * d, recv * d) if ex.mode == "alltoall" else (max_own * (P - 1) * d,) * 2
+    return rows
 
 
 # ---------------------------------------------------------------- the checks of one world
@@ -222,8 +232,7 @@ def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIE
     for strategy in strategies:
         for mode in modes:
             label = f"{case}/{strategy}/{mode}"
-            shard = Shard.create(lift, layout, strategy, mode)
-            net = LiftedNetwork(base, lift, shard=shard, **kw)
+            plan, net = sharded(base, lift, layout, strategy, mode, **kw)
             ck.add("init", f"{label}: parameters flagged model_parallel",
                    all(getattr(p, "model_parallel", False) for p in net.parameters()))
             init = gather_network(net)
@@ -231,23 +240,25 @@ def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIE
             for k in ref_init:
                 ck.add("init", f"{label}: initial {k} equal exactly",
                        k in init and init[k].shape == ref_init[k].shape and torch.equal(init[k], ref_init[k]))
-            check_ownership(ck, label, shard, lift, group)
-            check_plans(ck, label, net, shard, lift, base, group)
+            check_ownership(ck, label, plan, lift, group)
+            values = check_plans(ck, label, net, plan, lift, base, group)
 
-            shard.stats.reset()
+            stats = net.comm.stats
+            stats.reset()
             xs = x.clone().requires_grad_()
             out = net(xs)
-            fwd = shard.stats.bytes_forward
+            fwd = stats.bytes_forward
             loss_fn(out, t).backward()
             ck.close("forward", f"{label}: output", out, out_ref)
             ck.close("input_grad", f"{label}: x.grad", xs.grad, xr.grad)
             grads = gather_network(net, grads=True)
             for k in ref_grads:
                 ck.close("param_grad", f"{label}: grad {k}", grads[k], ref_grads[k])
-            want = expected_bytes(shard, base, BATCH)
-            ck.equal("bytes", f"{label}: forward bytes = plan", fwd, want)
-            ck.equal("bytes", f"{label}: backward bytes = plan", shard.stats.bytes_backward, want)
-            ck.equal("bytes", f"{label}: forward bytes unchanged by backward", shard.stats.bytes_forward, want)
+            want_fwd = sum(f for f, _ in values.values()) * 4 * BATCH  # float32 values
+            want_bwd = sum(b for _, b in values.values()) * 4 * BATCH
+            ck.equal("bytes", f"{label}: forward bytes = independent count", fwd, want_fwd)
+            ck.equal("bytes", f"{label}: backward bytes = independent count", stats.bytes_backward, want_bwd)
+            ck.equal("bytes", f"{label}: forward bytes unchanged by backward", stats.bytes_forward, want_fwd)
 
 
 def sgd_curve(net, case: str, seed: int, data_rank: int = 0, data_parallel: int = 1,
@@ -285,7 +296,7 @@ def training(ck: Checks, layout, case: str, modes=("alltoall", "allgather")) -> 
     for strategy in STRATEGIES:
         for mode in modes:
             label = f"{case}/{strategy}/{mode}"
-            net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout, strategy, mode), **kw)
+            _, net = sharded(base, lift, layout, strategy, mode, **kw)
             curve = sgd_curve(net, case, seed=1)
             ck.close("sgd", f"{label}: loss curve", torch.tensor(curve), torch.tensor(ref_curve))
             final = gather_network(net)
@@ -313,9 +324,8 @@ def data_parallel(ck: Checks, case: str = "skip") -> None:
     for strategy in STRATEGIES:
         for mode in ("alltoall", "allgather"):
             label = f"{case}/{strategy}/{mode}"
-            shard = Shard.create(lift, layout, strategy, mode)
-            ck.equal("dp", f"{label}: shard coordinates", (shard.rank, shard.world_size), (layout.lift_rank, L))
-            net = LiftedNetwork(base, lift, shard=shard, **kw)
+            plan, net = sharded(base, lift, layout, strategy, mode, **kw)
+            ck.equal("dp", f"{label}: shard coordinates", (plan.rank, plan.world_size), (layout.lift_rank, L))
             # replicas hold identical shards: compare this rank's rows with its data-parallel peers
             mine = [p.detach().clone() for p in net.parameters()]
             peers: list = [None] * D
@@ -335,7 +345,7 @@ def data_parallel(ck: Checks, case: str = "skip") -> None:
     ref = LiftedNetwork(base, lift, **kw)
     ref_curve = _sgd_concat(ref, case, D, seed=2)
     for strategy in ("block", "graph"):
-        net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout, strategy, "alltoall"), **kw)
+        _, net = sharded(base, lift, layout, strategy, "alltoall", **kw)
         curve = sgd_curve(net, case, seed=2, data_rank=layout.data_rank, data_parallel=D,
                           data_group=layout.data_group)
         ck.close("dp", f"{case}/{strategy}: data-parallel loss curve", torch.tensor(curve), torch.tensor(ref_curve))
@@ -366,13 +376,49 @@ def bad_layouts(ck: Checks, world_size: int, bad: list[int]) -> None:
     layout = Layout.from_initialized(world_size)
     base, lift, _ = make_case("skip")
     ck.raises("layout", "unknown strategy", PartitionError,
-              lambda: Shard.create(lift, layout, "metis"), "metis", "block", "graph", "random")
+              lambda: build_plan(lift, layout, "metis"), "metis", "block", "graph", "random")
     ck.raises("layout", "unknown exchange mode", PartitionError,
-              lambda: Shard.create(lift, layout, "block", "ring"), "ring", "alltoall", "allgather")
+              lambda: build_plan(lift, layout, "block", "ring"), "ring", "alltoall", "allgather")
     # the world still works after the refused requests
-    net = LiftedNetwork(base, lift, shard=Shard.create(lift, layout), readout_init="normal")
+    _, net = sharded(base, lift, layout, "block", "auto", readout_init="normal")
     x, _ = batch(base, 3, seed=0)
     ck.close("layout", "network after refused layouts", net(x), LiftedNetwork(base, lift, readout_init="normal")(x))
+
+
+def construction_is_local(ck: Checks, layout) -> None:
+    """Building a network from a precomputed plan and communicator issues no collective: every
+    collective of torch.distributed is replaced by one that fails while the network is built."""
+    base, lift, kw = make_case("skip")
+    plan = build_plan(lift, layout, "block", "alltoall")
+    comm = Communicator.create(plan, layout)
+    names = ["all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
+             "all_to_all_single", "broadcast", "broadcast_object_list", "barrier", "new_group", "reduce_scatter",
+             "reduce_scatter_tensor", "send", "recv", "isend", "irecv", "gather", "scatter", "reduce"]
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    called: list[str] = []
+
+    def failing(name):
+        def f(*args, **kwargs):
+            called.append(name)
+            raise RuntimeError(f"collective {name} during network construction")
+        return f
+
+    try:
+        for n in saved:
+            setattr(dist, n, failing(n))
+        net = LiftedNetwork(base, lift, plan, comm, **kw)
+    except RuntimeError as err:
+        net = None
+        called.append(str(err))
+    finally:
+        for n, f in saved.items():
+            setattr(dist, n, f)
+    ck.add("local", "LiftedNetwork(base, lift, plan, comm) issues no collective", net is not None and not called,
+           str(called))
+    if net is not None:  # and the network it built is the right one
+        x, _ = batch(base, 3, seed=7)
+        ck.close("local", "network built without collectives computes the lift", net(x),
+                 LiftedNetwork(base, lift, **kw)(x))
 
 
 # ---------------------------------------------------------------- entry points (run_world targets)
@@ -382,6 +428,7 @@ def world_main(rank: int, world_size: int, sgd_case: str, bad: list[int]):
     layout = Layout.from_initialized(world_size)
     ck.equal("layout", "coordinates (lift rank, data rank, data_parallel)",
              (layout.lift_rank, layout.data_rank, layout.data_parallel), (rank, 0, 1))
+    construction_is_local(ck, layout)
     for case in CASES:
         equivalence(ck, layout, case)
     training(ck, layout, sgd_case)

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from randlift_dist.experiments import collect
-from randlift_dist.layout import discover_env, expand_nodelist, rendezvous_address, slurm_master_port
+from randlift_dist.launch_env import discover_env, expand_nodelist, rendezvous_address, slurm_master_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["wandb.mode=disabled", "parallel.engine=torch", "run.progress=false"]
@@ -391,7 +391,7 @@ def test_train_sbatch_torchrun_two_processes(cluster):
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_srun_two_tasks_without_torchrun(cluster):
-    probe = ("import json, os; from randlift_dist.layout import discover_env, rendezvous_address; "
+    probe = ("import json, os; from randlift_dist.launch_env import discover_env, rendezvous_address; "
              "print(json.dumps([discover_env(), rendezvous_address(), os.environ['SLURM_JOB_ID']]))")
     out = cluster.run("srun", "--ntasks=2", "--time=5", "python", "-c", probe, timeout=120).stdout
     seen = sorted(json.loads(line) for line in out.splitlines() if line.startswith("["))
