@@ -12,6 +12,7 @@ contiguous), and one process loads them exactly.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import uuid
@@ -128,10 +129,15 @@ def damage(path: Path, how: str) -> str:
     if how == "bad_meta":
         (path / "meta.json").write_text('{"format": 2, "step":')
         return "unreadable"
+    if how == "meta_keys":
+        meta = ck.read_meta(path)
+        del meta["shards"][0]["bytes"]
+        (path / "meta.json").write_text(json.dumps(meta))
+        return "damaged (no shards[0])"
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "empty", "no_shard", "no_meta", "bad_meta"])
+@pytest.mark.parametrize("how", ["flip", "truncate", "empty", "no_shard", "no_meta", "bad_meta", "meta_keys"])
 def test_damage_is_one_line_and_resume_falls_back(tmp_path, run, how):
     cfg, lift, engines = run
     bad, good = tmp_path / "step_00000002", tmp_path / "step_00000001"
@@ -139,7 +145,7 @@ def test_damage_is_one_line_and_resume_falls_back(tmp_path, run, how):
     path, problems = ck.find_intact(tmp_path)
     assert path == good
     assert len(problems) == 1 and "\n" not in problems[0] and what in problems[0], problems
-    assert str(bad) in problems[0] and ("meta.json" in problems[0]) == how.endswith("meta"), problems
+    assert str(bad) in problems[0] and ("meta.json" in problems[0]) == ("meta" in how), problems
     lines = []
     assert ck.find_latest(tmp_path, report=lines.append) == good
     assert lines == problems + [f"resuming from {good}"]
