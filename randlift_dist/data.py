@@ -2,7 +2,7 @@
 
 Teacher-student: the teacher is a small random sparse lift of the SAME base network with its own
 seed and a Gaussian readout: a finite network of the family that reaches zero loss, i.e. the
-witness of NOTES.md section 4. Inputs are Gaussian or uniform on [-sqrt 3, sqrt 3] (unit variance);
+witness of the convergence theorem (README, "Does it converge?"). Inputs are Gaussian or uniform on [-sqrt 3, sqrt 3] (unit variance);
 labels are the teacher's outputs, standardised by the training labels' mean and std so a loss of
 1.0 is "predicts the mean"; optional Gaussian label noise on the training split only.
 

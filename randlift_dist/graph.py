@@ -1,6 +1,6 @@
 """Base networks: the small DAG of vector-valued vertices that a lift enlarges.
 
-A `BaseGraph` is the perceptron module of the paper (NOTES.md section 1) with the defaults
+A `BaseGraph` is the perceptron module of the random sparse lifts paper with the defaults
 used throughout the project: activation space `Y_v = R^{d_v}`, linear edge maps
 `M_e(w, y) = w @ y` with `w` of shape `[d_v, d_u]`, and additive vertex maps
 `y_v = act(sum_e z_e + b_v)`.

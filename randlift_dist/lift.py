@@ -7,7 +7,7 @@ A `Lift` fixes, for every base vertex `v`, a fibre size `n_v`, and for every bas
 - `bernoulli`: each pair is kept independently with probability `p_e = min(1, degree_e / n_u)`;
 - `fixed_degree`: each target draws exactly `min(k_e, n_u)` distinct sources, uniformly.
 
-World-size invariance (DESIGN.md decision 1): the targets of fibre `v` are cut into blocks of
+World-size invariance: the targets of fibre `v` are cut into blocks of
 `block_size` consecutive vertices, and the in-edges of block `b` over edge `e` are drawn from a
 Philox stream keyed by `(seed, stream, edge name, b)` only. Generating any set of targets yields
 exactly the matching rows of the whole edge list, whichever process asks and in whatever order.
@@ -280,7 +280,7 @@ def _check_block_size(block_size: Any) -> int:
 
 def random_sparse_lift(base: BaseGraph, size: int | Mapping[str, int], degree: float | Mapping[Any, float],
                        seed: int = 0, law: str = "bernoulli", block_size: int = 512) -> Lift:
-    """The random sparse lift of `base` (NOTES.md section 2).
+    """The random sparse lift of `base`: each pair between adjacent fibres kept independently.
 
     size: fibre size of every non-input vertex, or a mapping vertex -> size (inputs default to 1).
     degree: average degree (bernoulli) or exact in-degree (fixed_degree) per base edge; a number, or

@@ -1,13 +1,22 @@
 # shellcheck shell=bash
-# Shared by train.sbatch and sweep.sbatch (sourced, never run): environment, log header, and the
-# training step with preemption handling. Needs REPO (the repository root: site.env, the commit)
-# and a SLURM job. The working directory stays the job's (the submission directory by default).
+# Shared by train.sbatch and sweep.sbatch (sourced, never run): environment, log header, the
+# preflight, the training step with preemption handling, and the one failure report. Needs REPO
+# (the repository root: site.env, the commit, launch/run.sh) and a SLURM job. The working
+# directory stays the job's (the submission directory by default).
 #
 # Preemption / time limit: `#SBATCH --signal=B:USR1@T` makes SLURM send USR1 to the batch shell
 # T seconds before the end. rl_run_step traps it, sends SIGTERM to the tasks of the training step
 # (torchrun forwards SIGTERM to its workers; it does not handle USR1), waits for them to write a
 # checkpoint and exit, then requeues the job (`scontrol requeue`), unless REQUEUE=0. The requeued
 # job resumes from the latest checkpoint (train.resume=auto, the default).
+#
+# Errors: rl_preflight checks the config and the layout once, in the batch shell, before any
+# step starts (bad input: the trainer's one line, status 2); rl_finish explains a failed step
+# once: the trainer's `<run.dir>/exit_status.json` message, or the last lines of each node's
+# torchrun agent log (`<run.dir>/torchrun-<host>.log`). The helpers are launch/run.sh's.
+
+# shellcheck source=launch/run.sh
+source "$REPO/launch/run.sh"  # defines RL_LAUNCH_PY and rl_launch_py; launches nothing when sourced
 
 # This job in SLURM's syntax: an array task's own SLURM_JOB_ID can equal the array's id, and
 # `scancel <array id>` or `scontrol requeue <array id>` would hit every task of the array.
@@ -31,7 +40,7 @@ rl_setup() {
   else
     RL_SITE="none (no $site)"
   fi
-  # Always run from the venv (ENVIRONMENT.md: mixing interpreters recompiles every DeepSpeed op).
+  # Always run from the venv (mixing interpreters makes DeepSpeed recompile every JIT-built op).
   if [[ -n "${VENV:-}" ]]; then
     if [[ ! -f "$VENV/bin/activate" ]]; then
       echo "VENV=$VENV: no $VENV/bin/activate; set VENV to a virtual environment with randlift_dist installed" >&2
@@ -122,9 +131,10 @@ rl_run_step() {
   trap - USR1 TERM
   echo "[$(date +%T)] training step exited with status $rc"
   if [[ $_rl_stop_requested == 1 ]]; then
-    # torchrun exits 1 (SignalException traceback) after forwarding SIGTERM even when its workers
-    # checkpointed and exited 0: the "checkpoint ... (step N)" line above is what counts
-    [[ $rc == 0 ]] || echo "(after a stop request torchrun exits 1 with a SignalException: expected;" \
+    # torchrun exits non-zero after forwarding SIGTERM (launch/run.sh: 128 + signal; plain
+    # torchrun: 1) even when its workers checkpointed and exited 0: the "checkpoint ... (step N)"
+    # line above is what counts
+    [[ $rc == 0 ]] || echo "(after a stop request torchrun exits $rc: expected;" \
       "the workers' \"checkpoint ... (step N)\" line above is what counts)"
     _rl_after_stop
     return
@@ -146,4 +156,30 @@ _rl_after_stop() {
     echo "scontrol requeue $RL_JOB failed (is the job requeueable?): resubmit the same command to resume" >&2
   fi
   return 1
+}
+
+# rl_preflight WORLD TRAIN_ARGS...: check the config and the layout for WORLD ranks, once, before
+# any step; sets RL_RUN_DIR (the resolved run.dir) and RL_SINCE (reports count from here), and
+# removes an exit_status.json left by an earlier run. Bad input: exits the script with the
+# trainer's status (2) after its one-line message.
+rl_preflight() {
+  local world="$1" rc=0
+  shift
+  RL_SINCE=$(date +%s)
+  RL_RUN_DIR=$(rl_launch_py preflight "$world" "$@") || rc=$?
+  if [[ $rc != 0 ]]; then
+    echo "[$(date +%T)] preflight failed (status $rc): nothing was started"
+    exit "$rc"
+  fi
+  rm -f "$RL_RUN_DIR/exit_status.json"
+}
+
+# rl_finish RC: the step's status RC; after rl_preflight, a failure that was not a stop request
+# is explained once and its status becomes the trainer's code.
+rl_finish() {
+  local rc="$1"
+  if [[ $rc != 0 && $_rl_stop_requested == 0 && -n "${RL_RUN_DIR:-}" ]]; then
+    rl_launch_py report "$rc" "$RL_SINCE" "$RL_RUN_DIR" || rc=$?
+  fi
+  return "$rc"
 }

@@ -40,7 +40,7 @@ def _worker(fn, rank, world_size, store, queue, args):
     finally:
         queue.close()
         queue.join_thread()
-        os._exit(0)  # skip gloo's thread teardown at exit (see ENVIRONMENT.md)
+        os._exit(0)  # skip gloo's thread teardown at exit (it can abort the process after all work succeeded)
 
 
 def run_world(fn: Callable[..., Any], world_size: int, *args, timeout: float = 240.0) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Lifts: edge sets (NOTES.md section 5, properties 3, 4 and 8), block-wise sampling, validation.
+"""Lifts: edge sets (p = 1 gives the full lift, edge statistics, world-size invariance), block-wise sampling, validation.
 
 Statistical tests. Every test below uses fixed seeds, so it is deterministic; the thresholds are
 chosen so that, for a correct sampler, a fresh seed would fail a given test with probability about

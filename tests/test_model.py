@@ -1,4 +1,4 @@
-"""LiftedNetwork against an independent implementation of NOTES.md (properties 1, 2, 5, 6, 7, 8).
+"""LiftedNetwork against an independent implementation of the lifted module (properties 1, 2, 5, 6, 7, 8 below).
 
 `reference_forward` below is written from the definitions only: it reads the lifted network
 through the public introspection (`edge_index`, `edge_weight`, `bias`, `readout_weight`) and the
@@ -117,7 +117,7 @@ def describe(spec, edges, net):
 
 
 def reference_forward(d, x: np.ndarray):
-    """f(x) and activations {v: [n_v, B, d_v]}, straight from NOTES.md sections 1 to 3."""
+    """f(x) and activations {v: [n_v, B, d_v]}, straight from the definitions (perceptron module, lift, readout)."""
     B = x.shape[0]
     preds = {v: [e for e in d["edges"] if e[1] == v] for v in d["verts"]}
     ys, off = {}, 0

@@ -1,6 +1,6 @@
 """Multi-process tests of the sharded lifted network: real gloo worlds on CPU.
 
-The core invariant (DESIGN.md decisions 1, 3, 5, 6): a network sharded over a lift-parallel group
+The core invariant: a network sharded over a lift-parallel group
 of 2, 3 or 4 ranks has the same initial weights (exactly), outputs, input gradients, parameter
 gradients and SGD loss curve (to 1e-5 relative, float32) as the world-size-1 network of the same
 seed, for every partition strategy (block, graph, random) and exchange mode (alltoall, allgather,
