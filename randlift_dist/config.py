@@ -186,6 +186,9 @@ class Config:
             raise ConfigError(f"train.max_skipped={self.train.max_skipped}: must be > 0")
         if self.parallel.precision == "bf16" and self.parallel.engine != "deepspeed":
             raise ConfigError("parallel.precision=bf16 needs parallel.engine=deepspeed (the torch engine runs in train.dtype)")
+        if self.parallel.precision == "bf16" and self.parallel.zero_stage == 0:
+            raise ConfigError("parallel.precision=bf16 needs parallel.zero_stage=1 or 2: the fp32 master weights "
+                              "and moments that checkpoints save live in DeepSpeed's ZeRO optimizer")
         if not 0 < self.parallel.allgather_threshold:
             raise ConfigError(f"parallel.allgather_threshold={self.parallel.allgather_threshold!r}: must be > 0")
         if self.train.resume not in ("auto", "none") and not Path(self.train.resume).exists():
