@@ -22,8 +22,9 @@
 #    Restarts are made reliable by TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every restart gets a new
 #    worker store instead of reusing the rendezvous store, which hangs or refuses connections at
 #    large lifts), a rendezvous join timeout and a 0.5 s worker monitor.
-# 3. A worker exiting with status 2 (bad input: config, layout, a checkpoint of another lift)
-#    ends the job at once: retrying cannot help, so no restart is spent on it.
+# 3. An error that a restart would repeat ends the job at once, without restarts: rank 0 wrote
+#    exit_status.json with a status other than 1 (2 bad input: config, layout, a checkpoint of
+#    another lift; 3 a non-finite loss). Status 1 (a peer died, I/O) is restarted.
 # 4. On failure: if the trainer wrote `<run.dir>/exit_status.json` ({"code", "message"}) during
 #    this launch, its message is printed once and its code is the exit status; otherwise the
 #    last 20 lines of the agent log are printed. A stop by SIGTERM / SIGINT exits 128 + signal.
@@ -37,12 +38,12 @@ read -r -d '' RL_LAUNCH_PY <<'PY' || true
 """randlift_dist launcher helper. Modes:
   preflight WORLD TRAIN_ARGS...   check (WORLD > 0: also the layout) and print run.dir
   agent TORCHRUN_ARGS... -m randlift_dist.train TRAIN_ARGS...   preflight, then be torchrun
-  report RC TRAIN_ARGS...   explain a failed launch once (exit_status.json, else the agent logs)
+  report RC SINCE RUN_DIR   explain a failed launch once (exit_status.json, else the agent logs)
 """
 import contextlib, io, json, os, signal, socket, sys, threading, time, traceback
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_RETRYABLE = 2, 1
 
 def train_main(argv, capture):
     """randlift_dist.train.main(argv) in this process: (status, captured stdout)."""
@@ -84,7 +85,7 @@ def report(rc, run_dir, since, logs):
     """Print why the launch failed, once; returns the exit status to use."""
     st = status_of(run_dir, since)
     if st is not None:
-        print(st[1], file=sys.stderr, flush=True)
+        print(f"randlift-train: {st[1]}", file=sys.stderr, flush=True)
         return st[0] or rc
     if rc > 128:
         print(f"randlift_dist: stopped by signal {rc - 128}; the workers checkpoint at the next step "
@@ -97,13 +98,39 @@ def report(rc, run_dir, since, logs):
         print("\n".join(lines), file=sys.stderr, flush=True)
     return rc
 
-def watch_bad_input(run_dir, since, done, log):
-    """End the agent (SIGTERM) when a worker reports bad input: a restart would fail the same way."""
-    while not done.wait(1.0):
-        st = status_of(run_dir, since)
-        if st is not None and st[0] == EXIT_BAD_INPUT:
-            print(f"exit_status.json: status {st[0]} (bad input): stopping without a restart", file=log, flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+def final_error(run_dir, since):
+    """rank 0's exit_status.json when a restart would repeat it: any status but 1 (1: a peer or the
+    machine failed, which a restart may cure)."""
+    st = status_of(run_dir, since)
+    return st if st is not None and st[0] not in (0, EXIT_RETRYABLE) else None
+
+class FinalError(RuntimeError):
+    pass
+
+def no_restart_after_final_errors(run_dir, since, log):
+    """Before torchrun restarts a worker group, look at exit_status.json: a final error ends the
+    agent instead (its workers are stopped by its shutdown)."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+    restart = getattr(SimpleElasticAgent, "_restart_workers", None)
+    if restart is None:  # another torch: watch_final_errors still ends the agent
+        return
+    def guarded(self, worker_group):
+        st = final_error(run_dir, since)
+        if st is not None:
+            print(f"exit_status.json: status {st[0]}: stopping without a restart", file=log, flush=True)
+            raise FinalError(st[1])
+        return restart(self, worker_group)
+    SimpleElasticAgent._restart_workers = guarded
+
+def watch_final_errors(run_dir, since, done, log):
+    """End the agent (SIGTERM) on a final error seen while it waits elsewhere (a rendezvous)."""
+    while not done.wait(0.5):
+        st = final_error(run_dir, since)
+        if st is not None:
+            time.sleep(2.0)  # let a restart decision in progress stop the agent first
+            if not done.is_set():
+                print(f"exit_status.json: status {st[0]}: stopping without a restart", file=log, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
             return
 
 def agent(argv):
@@ -132,9 +159,11 @@ def agent(argv):
             if isinstance(h, logging.StreamHandler) and h.stream is real_stderr:
                 h.setStream(log)
     done = threading.Event()
-    threading.Thread(target=watch_bad_input, args=(run_dir, since, done, log), daemon=True).start()
+    threading.Thread(target=watch_final_errors, args=(run_dir, since, done, log), daemon=True).start()
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
+    no_restart_after_final_errors(run_dir, since, log)
+    os.environ["RANDLIFT_LAUNCHER_REPORTS"] = "1"  # the workers' exit_status.json is said once, here or by the caller
     sys.argv = ["torchrun", *argv]
     try:
         torchrun_main()
@@ -161,16 +190,14 @@ def main(argv):
         if rc == 0:
             print(run_dir)
         return rc
-    if mode == "report":  # report RC SINCE TRAIN_ARGS...
-        rc, run_dir = run_dir_of(argv[3:], 0)
-        if rc:
-            return rc
+    if mode == "report":  # report RC SINCE RUN_DIR
+        run_dir = Path(argv[3])
         return report(int(argv[1]), run_dir, float(argv[2]), sorted(run_dir.glob("torchrun-*.log")))
     sys.exit(f"unknown mode {mode!r}: use agent, preflight or report")
 
 sys.exit(main(sys.argv[1:]))
 PY
-export RL_LAUNCH_PY
+
 
 # rl_launch_py MODE ARGS...: the helper above under the python on PATH.
 rl_launch_py() {
