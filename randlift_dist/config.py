@@ -57,6 +57,8 @@ class ModelConfig:
     weight_scale: float | None = doc("std of initial edge weights (null: 1/sqrt(expected fan-in))", None)
     readout_scale: Literal["sum", "mean", "sqrt"] = doc("readout normalisation c: 1, 1/N or 1/sqrt(N)", "sqrt")
     readout_init: Literal["zero", "normal"] = doc("initial readout rows", "zero")
+    recompute: bool = doc("recompute each vertex's aggregation in the backward instead of keeping its "
+                          "intermediates (less activation memory, about one more forward)", False)
     impl: Literal["auto", "reference", "csr", "blocked", "triton"] = doc(
         "aggregation kernel (auto: triton on CUDA when installed, else csr for scalar targets, else blocked)", "auto")
 

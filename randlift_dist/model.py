@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .comm import Communicator, HaloExchange, copy_to_lift_group, reduce_from_lift_group
 from .graph import ACTIVATIONS, BaseGraph, Edge, GraphError, edge_key
@@ -89,11 +90,15 @@ class LiftedNetwork(nn.Module):
       seed: seed of the initial weights (the lift's own seed fixes the edges).
       readout_init: `zero` (default) or `normal` (standard Gaussian readout rows).
       impl: aggregation kernel (`ops.IMPLS`).
+      recompute: keep only the vertex outputs between forward and backward, recomputing each
+        vertex's aggregation, bias and activation in the backward (less memory, one more forward,
+        and for sharded vertices one more exchange).
     """
 
     def __init__(self, base: BaseGraph, lift: Lift, plan: ShardPlan | None = None, comm: Communicator | None = None,
                  out_dim: int | None = None, readout_scale: str = "sum", weight_scale: float | None = None,
-                 seed: int = 0, readout_init: str = "zero", impl: str = "auto", dtype: torch.dtype = torch.float32):
+                 seed: int = 0, readout_init: str = "zero", impl: str = "auto", dtype: torch.dtype = torch.float32,
+                 recompute: bool = False):
         super().__init__()
         if lift.base is not base and lift.base.to_dict() != base.to_dict():
             raise ValueError("the lift was built from another base network: pass the same BaseGraph")
@@ -119,7 +124,7 @@ class LiftedNetwork(nn.Module):
                              "(collective), or use parallelize.shard_network")
         self.base, self.lift, self.plan, self.out_dim = base, lift, plan, out_dim
         self.comm = comm or Communicator()
-        self.readout_scale, self.seed, self.impl = readout_scale, seed, impl
+        self.readout_scale, self.seed, self.impl, self.recompute = readout_scale, seed, impl, recompute
         self.weight_scale, self.readout_init = weight_scale, readout_init
         n_out = sum(lift.n(t) for t in base.outputs)
         self.c = {"sum": 1.0, "mean": 1.0 / n_out, "sqrt": 1.0 / math.sqrt(n_out)}[readout_scale]
@@ -244,15 +249,23 @@ class LiftedNetwork(nn.Module):
         for v in base.order:
             if v in ys:
                 continue
-            z = None
-            for e in base.in_edges(v):
-                z_e = self.edges[self._eid[e.key]](ys[e.src])  # [n_v_own, d_v, B]
-                z = z_e if z is None else z + z_e
-            b = self.bias(v)
-            if b is not None:
-                z = z + b.unsqueeze(-1)
-            ys[v] = ACTIVATIONS[base.vertices[v].activation](z)
+            srcs = [ys[e.src] for e in base.in_edges(v)]
+            if self.recompute and torch.is_grad_enabled():
+                ys[v] = checkpoint(self._vertex, v, *srcs, use_reentrant=False)
+            else:
+                ys[v] = self._vertex(v, *srcs)
         return ys
+
+    def _vertex(self, v: str, *srcs: torch.Tensor) -> torch.Tensor:
+        """`act_v(sum over in-edges of the aggregation + b_v)`: `[n_v_own, d_v, B]`."""
+        z = None
+        for e, y_src in zip(self.base.in_edges(v), srcs):
+            z_e = self.edges[self._eid[e.key]](y_src)  # [n_v_own, d_v, B]
+            z = z_e if z is None else z + z_e
+        b = self.bias(v)
+        if b is not None:
+            z = z + b.unsqueeze(-1)
+        return ACTIVATIONS[self.base.vertices[v].activation](z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in_dim] -> [B, out_dim]
         ys = self.activations(x)

@@ -58,7 +58,8 @@ class Trainer:
         self.net = shard_network(self.base, self.lift, layout, p.partition, p.exchange, p.allgather_threshold,
                                  out_dim=cfg.out_dim(self.base), readout_scale=m.readout_scale,
                                  weight_scale=m.weight_scale, seed=m.weight_seed, readout_init=m.readout_init,
-                                 impl=m.impl, dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32)
+                                 impl=m.impl, recompute=m.recompute,
+                                 dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32)
         self.net.to(layout.device())
         self.data = build_dataset(cfg, self.base, cfg.out_dim(self.base))
         self.batches = Batches(self.data, cfg.train.batch_size, layout.data_rank, layout.data_parallel, cfg.data.seed)

@@ -33,3 +33,14 @@ def test_micro_batches_leave_the_loss_curve_unchanged(tmp_path, engine):
 def test_micro_batch_size_must_divide_the_replica_batch(tmp_path):
     proc = launch(tmp_path, 1, *QUICK, "parallel.engine=torch", "train.micro_batch_size=5", check=False)
     assert proc.returncode == 2 and "train.micro_batch_size=5" in proc.stderr and "32" in proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_recomputation_leaves_the_loss_curve_unchanged(tmp_path):
+    """`model.recompute=true` (vertex intermediates recomputed in the backward, exchanges included)."""
+    ref = tmp_path / "ref"
+    launch(ref, 1, *QUICK, "parallel.engine=torch")
+    for nproc, extra in ((1, []), (2, ["parallel.lift_parallel=2"])):
+        d = tmp_path / f"recompute{nproc}"
+        launch(d, nproc, *QUICK, "parallel.engine=torch", "model.recompute=true", *extra)
+        assert_curves_match(losses(d), losses(ref), rtol=1e-5)
