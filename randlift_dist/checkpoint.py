@@ -106,17 +106,15 @@ def _write_problem(e: BaseException, where: Path, root: Path) -> tuple[str, str]
 def _collect(engine) -> dict[str, tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
     """This rank's rows sorted by key: `{name: (keys [n], value [n, *row], {moment: [n, *row]})}`.
 
-    Collective (ZeRO moments): every rank calls it.
+    Collective (ZeRO moments): every rank calls it. Rows already in key order are not copied.
     """
-    net = engine.net
-    keys = row_keys(net)
-    out = {}
-    for name, p in net.named_parameters():
-        order = np.argsort(keys[name], kind="stable")
-        idx = torch.from_numpy(order)
-        value = engine.master_weight(p).detach().float().cpu()[idx]
-        moments = {k: v.detach().float().cpu()[idx] for k, v in sorted(engine.moments(p).items())}
-        out[name] = (keys[name][order].astype(np.int64), value, moments)
+    out, keys = {}, row_keys(engine.net)
+    for name, p in engine.net.named_parameters():
+        k = keys[name]
+        pick = (lambda t: t) if bool((k[1:] > k[:-1]).all()) else (
+            lambda t, idx=torch.from_numpy(np.argsort(k, kind="stable")): t[idx])  # timsort: O(n) on sorted runs
+        moments = {m: pick(v.detach().float().cpu()) for m, v in sorted(engine.moments(p).items())}
+        out[name] = (pick(torch.from_numpy(k)).numpy(), pick(engine.master_weight(p).detach().float().cpu()), moments)
     return out
 
 

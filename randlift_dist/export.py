@@ -38,7 +38,7 @@ def row_keys(net) -> dict[str, np.ndarray]:
     keys = {}
     for i, e in enumerate(net.base.edges):
         src, dst = net.edge_index(e.key)
-        keys[f"edges.{i}.weight"] = dst.numpy() * net.lift.n(e.src) + src.numpy()
+        keys[f"edges.{i}.weight"] = np.asarray(dst, np.int64) * net.lift.n(e.src) + np.asarray(src, np.int64)
     for name in net.biases:
         keys[f"biases.{name}"] = _own_rows(net, name)
     for name in net.readouts:
