@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from launch import assert_curves_match, launch, losses, metrics
+from launch import assert_curves_match, launch, losses, metrics, run_launcher
 from wandb_reader import history
 
 QUICK = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0", "wandb.mode=disabled",
@@ -94,14 +94,28 @@ def test_resume_refuses_a_different_lift(tmp_path):
     assert "different lift" in proc.stderr and "seed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.timeout(120)
+def lines_naming(text: str, needle: str) -> int:
+    return sum(needle in line for line in text.splitlines())
+
+
+@pytest.mark.timeout(300)
 def test_malformed_config_fails_before_any_process_group(tmp_path):
-    proc = launch(tmp_path, 2, "train.stepz=3", check=False, timeout=120)
-    assert proc.returncode != 0
-    # the workers print one line and exit 2; torchrun's own report of the failed child follows
-    assert "train.stepz" in proc.stderr and "randlift_dist/" not in proc.stderr
+    """Every case exits 2 with the bad key named once and no traceback: plain python, raw torchrun
+    workers (the trainer's own status, rank 0 speaking), and the launcher (its preflight)."""
+    cases = [("train.stepz=3",), ("parallel.lift_parallel=3",), ("train.batch_size=zz",), ("train.lr=-1",)]
+    needles = ["train.stepz", "parallel.lift_parallel=3", "train.batch_size", "train.lr"]
+    for case, needle in zip(cases, needles):
+        proc = launch(tmp_path / "py", 1, *case, check=False, timeout=60)
+        if needle != "parallel.lift_parallel=3":  # one process: lift_parallel 3 does not divide 1 either
+            assert proc.returncode == 2 and lines_naming(proc.stderr, needle) == 1, (case, proc.stderr[-2000:])
+        else:
+            assert proc.returncode == 2 and "divisor" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        run = run_launcher("run.sh", tmp_path / "launcher", *case, env={"NPROC": "2"}, timeout=120)
+        assert run.returncode == 2, (case, run.returncode, run.stderr[-2000:])
+        assert lines_naming(run.stderr, needle) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert "init_process_group" not in run.stderr
+    # raw torchrun: the workers exit 2 before any process group; only rank 0 says why
+    proc = launch(tmp_path / "raw", 2, "train.stepz=3", check=False, timeout=120)
+    assert proc.returncode != 0 and lines_naming(proc.stderr, "unknown key train.stepz") == 1, proc.stderr[-2000:]
     assert "init_process_group" not in proc.stderr
-    proc = launch(tmp_path, 2, "parallel.lift_parallel=3", check=False, timeout=120)
-    assert "parallel.lift_parallel=3" in proc.stderr and "divisor" in proc.stderr
-    proc = launch(tmp_path, 1, "train.batch_size=zz", check=False, timeout=60)
-    assert proc.returncode == 2 and "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr
