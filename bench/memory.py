@@ -1,0 +1,168 @@
+"""Peak memory of real training runs, measured from outside, against `randlift_dist.estimate`.
+
+`python bench/memory.py [--cases NAME,...] [--steps N] [--list] [--json FILE]`
+
+Each case is a config (written to a temporary directory) trained through the real CLI:
+`python -m randlift_dist.train --config F` for one rank, `torchrun --standalone --nproc_per_node
+2 -m randlift_dist.train ... parallel.lift_parallel=2` for two, with `parallel.engine=torch`,
+fp32, Adam, `wandb.mode=disabled`, `checkpoint.every=0`, `run.progress=false`, a few steps.
+While it runs, every 20 ms, the harness reads `/proc/<pid>/status` (VmHWM: the kernel's peak
+resident set) of every rank process (the launched process, or torchrun's children running the
+trainer); a rank's peak is its last VmHWM. Printed per case: parameters, the predicted peak per
+rank (`estimate`, with its phase), the measured peak of each rank, the ratio of the busiest rank
+to the prediction, the marginal and overall bytes per parameter, and the step time
+(`metrics.jsonl`). The hardware line comes first. Only one case runs at a time.
+
+Cases (`--list`): `r16_*`: residual MLP of 16-dimensional vertices (depth 4, gelu, degree 16);
+`s1_*`: MLP of scalar vertices (4 hidden layers, tanh, degree 32); the suffix is the size in
+millions of parameters and `_p2` marks two ranks. Measurements: `docs/scale.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from hardware import hardware_line  # noqa: E402
+
+from randlift_dist.config import load_config  # noqa: E402
+from randlift_dist.estimate import estimate  # noqa: E402
+
+R16 = {"builder": "residual_mlp", "in_dim": 16, "width": 16, "depth": 4, "out_dim": 1, "activation": "gelu"}
+S1 = {"builder": "mlp", "in_dim": 4, "hidden_dims": [1, 1, 1, 1], "out_dim": 1, "activation": "tanh"}
+# name: (base, lift size, degree, ranks, batch)  ~ params: r16 21504 x s, s1 128 x s
+CASES = {
+    "r16_tiny": (R16, 32, 16, 1, 64), "r16_tiny_p2": (R16, 32, 16, 2, 64),
+    "r16_10m": (R16, 480, 16, 1, 64), "r16_50m": (R16, 2400, 16, 1, 64), "r16_200m": (R16, 9600, 16, 1, 64),
+    "r16_50m_p2": (R16, 2400, 16, 2, 64), "r16_200m_p2": (R16, 9600, 16, 2, 64),
+    "s1_10m": (S1, 80000, 32, 1, 64), "s1_40m": (S1, 320000, 32, 1, 64), "s1_100m": (S1, 800000, 32, 1, 64),
+    "s1_40m_p2": (S1, 320000, 32, 2, 64),
+    "r16_500m_p2": (R16, 24000, 16, 2, 32),
+}
+
+
+def case_config(name: str, steps: int, run_dir: str) -> dict:
+    base, size, degree, ranks, batch = CASES[name]
+    return {"model": {"base": base, "lift": {"size": size, "degree": degree, "seed": 0}},
+            "data": {"kind": "teacher", "n_train": 1024, "n_test": 64, "teacher_size": 8, "teacher_degree": 4},
+            "train": {"steps": steps, "lr": 0.003, "batch_size": batch, "optimizer": "adam", "warmup_steps": 1,
+                      "log_every": 1, "eval_every": 0},
+            "parallel": {"lift_parallel": ranks, "engine": "torch"},
+            "checkpoint": {"every": 0}, "run": {"dir": run_dir, "progress": False}, "wandb": {"mode": "disabled"}}
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"randlift_dist.train" in cmd and b"torch.distributed.run" not in cmd
+
+
+def run_case(name: str, steps: int, workdir: Path) -> dict:
+    ranks = CASES[name][3]
+    cfg_path = workdir / f"{name}.yaml"
+    run_dir = workdir / f"run_{name}"
+    cfg_path.write_text(yaml.safe_dump(case_config(name, steps, str(run_dir))))
+    train = ["-m", "randlift_dist.train", "--config", str(cfg_path)]
+    cmd = [sys.executable] + (train if ranks == 1 else
+                              ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + train)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks))))
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[int, int] = {}
+    while proc.poll() is None:
+        pids = [proc.pid] if ranks == 1 else [c for c in _children(proc.pid) if _is_rank(c)]
+        for pid in pids:
+            hwm = _status(pid).get("VmHWM")
+            if hwm:
+                peaks[pid] = max(peaks.get(pid, 0), hwm)
+        time.sleep(0.02)
+    log = proc.stdout.read()
+    if proc.returncode:
+        raise RuntimeError(f"case {name} failed (exit {proc.returncode}):\n{log[-3000:]}")
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps_t = [1 / r["samples_per_s"] * CASES[name][4] for r in recs if r.get("samples_per_s")]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    est = estimate(load_config(str(cfg_path)), ranks)
+    measured = sorted(peaks.values(), reverse=True)
+    return {"case": name, "ranks": ranks, "params": est["params"], "params_per_rank": est["params_per_rank"],
+            "predicted": est["peak_bytes_per_rank"], "phase": est["peak_phase"], "measured": measured,
+            "ratio": measured[0] / est["peak_bytes_per_rank"] if measured else float("nan"),
+            "step_s": sorted(steps_t[1:] or steps_t)[len(steps_t[1:] or steps_t) // 2] if steps_t else float("nan"),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "peak_mem_mb_metrics": max((r.get("peak_mem_mb", 0) for r in recs), default=0),
+            "wall_s": time.time() - t0, "estimate": {k: v for k, v in est.items() if k.endswith("_bytes")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="r16_10m,r16_50m,s1_10m,s1_40m,r16_50m_p2,s1_40m_p2")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.list:
+        for k, (_, s, deg, p, b) in CASES.items():
+            print(f"{k}: size {s}, degree {deg}, {p} rank(s), batch {b}")
+        return 0
+    print(hardware_line())
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    MB = 1e6
+    print(f"{'case':<13}{'params':>12}{'pred MB':>10}{'phase':>10}{'measured MB (ranks)':>22}{'ratio':>7}"
+          f"{'B/param':>9}{'step s':>8}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
+        for name in args.cases.split(","):
+            r = run_case(name, args.steps, Path(tmp))
+            results.append(r)
+            meas = "/".join(f"{m / MB:.0f}" for m in r["measured"])
+            print(f"{name:<13}{r['params']:>12,.0f}{r['predicted'] / MB:>10.0f}{r['phase']:>10}{meas:>22}"
+                  f"{r['ratio']:>7.3f}{r['measured'][0] / r['params_per_rank']:>9.1f}{r['step_s']:>8.2f}", flush=True)
+    by = {r["case"]: r for r in results}
+    for a, b in (("r16_10m", "r16_50m"), ("r16_50m", "r16_200m"), ("s1_10m", "s1_40m"), ("s1_40m", "s1_100m")):
+        if a in by and b in by:
+            dm = by[b]["measured"][0] - by[a]["measured"][0]
+            dp = by[b]["params"] - by[a]["params"]
+            print(f"marginal bytes/param {a} -> {b}: {dm / dp:.2f} measured, "
+                  f"{(by[b]['predicted'] - by[a]['predicted']) / dp:.2f} predicted")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
