@@ -71,6 +71,15 @@ def _write_status(cfg: Config | None, rank: int, code: int, message: str) -> Non
         pass
 
 
+def _should_print(code: int, rank: int) -> bool:
+    """Say an error once: bad input and non-finite steps are the same on every rank (rank 0 says
+    it); under our launchers rank 0's message is printed by the launcher from exit_status.json.
+    Other failures (a peer that stopped answering) are each rank's own."""
+    if os.environ.get("RANDLIFT_LAUNCHER_REPORTS") == "1" and rank == 0:
+        return False
+    return rank == 0 or code not in (EXIT_INPUT, EXIT_NONFINITE)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if layout.rank == 0:
             print(msg if msg.startswith("final") else f"randlift-train: {msg}", flush=True)
     else:
-        if code != EXIT_INPUT or layout.rank == 0:  # bad input is the same on every rank: say it once
+        if _should_print(code, layout.rank):
             print(f"randlift-train: rank {layout.rank}: {msg}", file=sys.stderr, flush=True)
         _write_status(cfg, layout.rank, code, msg)
     if dist.is_initialized():
