@@ -72,10 +72,10 @@ if [[ -z ${GPU_CHECK_ALLOW_CPU:-} ]] && ! python -c 'import sys, torch; sys.exit
   exit 1
 fi
 
-stage tests 120 python -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu.py tests/test_triton.py
-stage kernels 90 python bench/gpu_kernels.py --budget-s 60
+stage tests 150 python -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu.py tests/test_triton.py
+stage kernels 80 python bench/gpu_kernels.py --budget-s 50
 if [[ -f bench/step.py ]]; then
-  stage step 45 python bench/step.py
+  stage step 40 python bench/step.py
 else
   log "=== step: bench/step.py absent, skipped"
   SUMMARY+=("step: absent")
