@@ -142,6 +142,8 @@ def case(n: int, k: int, d: int, B: int, dtype: torch.dtype, dev: torch.device, 
         try:
             from torch.sparse._triton_ops import bsr_dense_mm
 
+            if bsr_dense_mm is None:  # torch defines it only when triton is usable
+                raise ImportError("torch.sparse._triton_ops.bsr_dense_mm is None (no triton for torch)")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 bsr = torch.sparse_bsr_tensor(csr.indptr, csr.col, w.detach(), size=(n * d, n * d))
