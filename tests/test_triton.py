@@ -94,6 +94,31 @@ def test_reruns_are_bitwise_equal(d):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d", [1, 16])
+def test_float16(d):
+    csr = _mixed_csr(3)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(N_SRC, d, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(csr.nnz, d, d, generator=g, dtype=torch.float64)
+    gz = torch.randn(csr.n_rows, d, 5, generator=g, dtype=torch.float64)
+    ref = _run(csr, y, w, gz, "reference", torch.float64, torch.device("cpu"))
+    got = _run(csr, y, w, gz, "triton", torch.float16, DEV)
+    for a, r in zip(got, ref):
+        assert float((a.double() - r).norm() / r.norm()) < 5e-3
+
+
+def test_saves_only_inputs():
+    """Between forward and backward only y and w are kept (no gathered [m, d, B] tensor)."""
+    csr = _mixed_csr()
+    y = torch.randn(N_SRC, 16, 4, device=DEV, requires_grad=True)
+    w = torch.randn(csr.nnz, 16, 16, device=DEV, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        aggregate(y, w, csr.to(DEV), "triton")
+    assert sorted(tuple(t.shape) for t in saved) == sorted([tuple(y.shape), tuple(w.shape)])
+    assert all(t.data_ptr() in (y.data_ptr(), w.data_ptr()) for t in saved)
+
+
 def test_network_matches_reference():
     base = BaseGraph.residual_mlp(3, 4, 2, 1, "tanh")  # dims 3 -> 4 (padded), 4 -> 4, 4 -> 1
     lift = random_sparse_lift(base, 6, 3, seed=0)
