@@ -18,7 +18,7 @@ B = 256: ~2.09 B, so an H100 (3.35 TB/s) is capped at ~1.6e12 edge-samples/s and
 (4.8 TB/s) at ~2.3e12. Forward+backward is counted as three such passes (forward, input
 gradient, weight gradient). The limit uses the card's spec bandwidth when the card is known, and
 a measured device-to-device copy bandwidth is printed next to it. With `--device cpu` the script
-runs small shapes to check itself (no triton there unless TRITON_INTERPRET=1). No GPU numbers are
+runs small shapes to check itself (blocked, torch.sparse and dense only). No GPU numbers are
 recorded here yet.
 """
 
