@@ -260,24 +260,29 @@ def test_data_file_contents_are_part_of_the_fingerprint(tmp_path, run):
 
 # ---------------------------------------------------------------- resharding: save from 2 ranks
 class RowSlice(torch.nn.Module):
-    """Rank r of P holds the rows of a world-size-1 network whose key is r mod P (+1 on the values)."""
+    """Rank r of P holds some rows of a world-size-1 network (values + `shift`): round-robin by key
+    (key r mod P), or `contiguous` key ranges (the r-th P-quantile of each fibre / edge set)."""
 
-    def __init__(self, net, r: int, P: int):
+    def __init__(self, net, r: int, P: int, contiguous: bool = False, shift: float = 1.0):
         super().__init__()
+
+        def mine(k: np.ndarray, n: int) -> np.ndarray:
+            return (k * P // n == r) if contiguous else (k % P == r)
+
         self.base, self.lift = net.base, net.lift
         self.edges = torch.nn.ModuleList()
         self._index = []
         for e in net.base.edges:
             src, dst = net.edge_index(e.key)
-            sel = (dst * net.lift.n(e.src) + src) % P == r
+            sel = mine(np.asarray(dst) * net.lift.n(e.src) + np.asarray(src), net.lift.n(e.src) * net.lift.n(e.dst))
             layer = torch.nn.Module()
-            layer.weight = torch.nn.Parameter(net.edge_weight(e.key).detach()[sel] + 1)
+            layer.weight = torch.nn.Parameter(net.edge_weight(e.key).detach()[sel] + shift)
             self.edges.append(layer)
             self._index.append((src[sel], dst[sel]))
-        self._own = {v: np.flatnonzero(np.arange(net.lift.n(v)) % P == r) for v in net.base.vertices}
-        self.biases = torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach()[self._own[self.vertex_of(k)]] + 1)
+        self._own = {v: np.flatnonzero(mine(np.arange(net.lift.n(v)), net.lift.n(v))) for v in net.base.vertices}
+        self.biases = torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach()[self._own[self.vertex_of(k)]] + shift)
                                               for k, p in net.biases.items()})
-        self.readouts = torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach()[self._own[self.vertex_of(k)]] + 1)
+        self.readouts = torch.nn.ParameterDict({k: torch.nn.Parameter(p.detach()[self._own[self.vertex_of(k)]] + shift)
                                                 for k, p in net.readouts.items()})
 
     def edge_index(self, key):
@@ -338,3 +343,30 @@ def test_checkpoint_from_two_ranks_loads_exactly_on_one(tmp_path, monkeypatch):
     got = ck.read_rows(tmp_path / "step_00000005", meta["shards"], {"edges.1.weight": keys[low]})
     assert torch.equal(got["edges.1.weight"]["value"], ref.edges[1].weight.detach()[low] + 1)
     assert total >= 10 and len(reads) <= total // 2 + 2, (len(reads), total)
+
+
+def resume_on_rank(rank: int, world: int, root: str) -> tuple[str | None, int, bool]:
+    """Contiguous halves: only rank 1 reads the damaged (last) blocks of the newest checkpoint."""
+    cfg = load_config(None, OVERRIDES)
+    lift, net = make(cfg)
+    layout = Layout(world_size=world, rank=rank, lift_parallel=world)
+    mine = RowSlice(net, rank, world, contiguous=True, shift=0.0)
+    path, step, _ = ck.load_latest(Path(root), cfg, lift, mine, report=None, layout=layout)
+    lift, net = make(cfg)
+    want = RowSlice(Engine(net, steps=1).net, rank, world, contiguous=True, shift=0.0)
+    same = all(torch.equal(p, q) for p, q in zip(mine.parameters(), want.parameters()))
+    return (path.name if path else None), step, same
+
+
+@pytest.mark.timeout(120)
+def test_damage_seen_by_one_rank_makes_every_rank_fall_back(tmp_path, run):
+    from distributed import run_world
+
+    meta = ck.read_meta(tmp_path / "step_00000002")
+    pm = meta["shards"][0]["params"]["edges.1.weight"]
+    raw = bytearray((tmp_path / "step_00000002" / "shard_0000.bin").read_bytes())
+    off = pm["blocks"]["offset"][-1] + 8 * (pm["rows"] - pm["blocks"]["start"][-1])  # the last block's weights
+    raw[off:off + 16] = bytes(16)
+    (tmp_path / "step_00000002" / "shard_0000.bin").write_bytes(bytes(raw))
+    got = run_world(resume_on_rank, 2, str(tmp_path), timeout=100)
+    assert got == [("step_00000001", 1, True)] * 2, got
