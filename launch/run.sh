@@ -127,8 +127,7 @@ def watch_final_errors(run_dir, since, done, log):
     while not done.wait(0.5):
         st = final_error(run_dir, since)
         if st is not None:
-            time.sleep(2.0)  # let a restart decision in progress stop the agent first
-            if not done.is_set():
+            if not done.wait(10.0):  # a restart decision in progress stops the agent itself
                 print(f"exit_status.json: status {st[0]}: stopping without a restart", file=log, flush=True)
                 os.kill(os.getpid(), signal.SIGTERM)
             return

@@ -10,8 +10,15 @@ relative. Then the same job again, with every process of node B killed (SIGKILL:
 agent and its worker) after a step drawn from a seeded RNG and node B's launcher started again:
 the job must complete on both nodes with the same curve, each step once in metrics.jsonl.
 
-Needs root and `ip netns` (skipped otherwise). The namespaces are named after this process id and
-deleted in a finalizer, after their processes are killed; every wait is bounded.
+Then `slurm/train.sbatch` on a two-node SLURM cluster built the same way: slurmctld and one
+slurmd in namespace A, one slurmd in namespace B, each daemon with its own host name (a UTS
+namespace) and both names in the namespaces' /etc/hosts (`/etc/netns/<ns>/hosts`), so that
+torchrun, gloo and srun find every address from host names as on a real cluster. `sbatch -N 2`
+runs one launcher per node, lift-parallel across them, and must match world size 1 too.
+
+Needs root and `ip netns` (skipped otherwise; the SLURM test also needs slurm-wlm and munge,
+which tests/test_slurm.py installs). The namespaces are named after this process id and deleted
+in a finalizer, after their processes are killed; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from launch import REPO, assert_curves_match, launch, launcher_cmd, launcher_env, losses, metrics, partial_metrics
+from test_slurm import Cluster, _ensure_slurm_installed, _pdeathsig
 
 STEPS = 40
 JOB = ["parallel.engine=torch", "model.lift.size=8000", f"train.steps={STEPS}", "checkpoint.every=10",
@@ -187,3 +197,135 @@ def test_node_killed_and_restarted_job_completes(tmp_path, nodes, reference):
     assert_curves_match(losses(run_dir), reference, 1e-5)  # the last record of each step
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps == list(range(STEPS + 1)), f"metrics.jsonl steps are not 0..{STEPS} once each: {steps}"
+
+
+# ------------------------------------------------------------------ SLURM on the two nodes
+class TwoNodeCluster(Cluster):
+    """slurmctld + slurmd in namespace A, slurmd in namespace B; clients run in namespace A."""
+
+    def __init__(self, root: Path, nodes: TwoNodes):
+        super().__init__(root)
+        self.nodes = nodes
+        self.hosts = [f"rla{os.getpid()}", f"rlb{os.getpid()}"]
+        self.node = self.hosts[0]
+        self.etc: list[Path] = []
+
+    def start(self) -> None:
+        r = self.root
+        for d in ("state", "log", "out"):
+            (r / d).mkdir(exist_ok=True)
+        self.sockets = Path(tempfile.mkdtemp(prefix="rlslurm-", dir="/tmp"))
+        for d in ("spool", "munge", *(f"spool/{h}" for h in self.hosts)):
+            (self.sockets / d).mkdir()
+        hosts = f"127.0.0.1 localhost\n127.0.1.1 {os.uname().nodename}\n" + \
+            "".join(f"{a} {h}\n" for a, h in zip(self.nodes.addr, self.hosts))
+        for ns in self.nodes.ns:  # `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts
+            d = Path("/etc/netns") / ns
+            d.mkdir(parents=True, exist_ok=True)
+            self.etc.append(d)
+            (d / "hosts").write_text(hosts)
+        self.auth = "munge" if self._start_munge() else "none"
+        with open("/proc/meminfo") as f:
+            mem = int(int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 1024 * 0.4)
+        auth = (f"AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={self.sockets}/munge/munge.sock\n"
+                if self.auth == "munge" else "AuthType=auth/none\nCredType=cred/none\n")
+        a, b = self.hosts
+        conf = r / "slurm.conf"
+        conf.write_text(f"""ClusterName=rlmn
+SlurmctldHost={a}({self.nodes.addr[0]})
+SlurmUser=root
+SlurmdUser=root
+{auth}SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation={r}/state
+SlurmdSpoolDir={self.sockets}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+MailProg=/bin/true
+SchedulerParameters=sched_interval=2,bf_interval=2
+KillWait=5
+NodeName={a} NodeAddr={self.nodes.addr[0]} CPUs=2 RealMemory={mem} State=UNKNOWN
+NodeName={b} NodeAddr={self.nodes.addr[1]} CPUs=2 RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes={a},{b} Default=YES MaxTime=30 State=UP
+""")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+               and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(SLURM_CONF=str(conf), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu",
+                   WANDB_SILENT="true", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}")
+        if sys.prefix != sys.base_prefix:
+            env["VENV"] = sys.prefix
+        self.env = env
+        self._spawn_on(0, ["slurmctld", "-D", "-i"])
+        for i in (0, 1):
+            self._spawn_on(i, ["slurmd", "-D"])
+        deadline = time.monotonic() + 60
+        state = ""
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    pytest.fail(f"{p.args} exited with {p.returncode}:\n{self.logs()}")
+            state = self.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+            if state == ["idle", "idle"]:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"the two nodes did not become idle in 60 s (states {state}):\n{self.logs()}")
+
+    def _spawn_on(self, i: int, cmd: list[str]) -> None:
+        """`cmd` in node i's network namespace, with node i's host name (its own UTS namespace) and
+        /etc/hosts (a private mount namespace). Not `ip netns exec`: it remounts /sys, which hides
+        the cgroup file systems slurmd needs."""
+        exe = shutil.which(cmd[0]) or f"/usr/sbin/{cmd[0]}"
+        ns = self.nodes.ns[i]
+        log = open(self.root / "log" / f"{cmd[0]}-{self.hosts[i]}.stdout", "ab")
+        self.procs.append(subprocess.Popen(
+            ["unshare", "--mount", "--uts", "sh", "-c",
+             f'mount --bind /etc/netns/{ns}/hosts /etc/hosts && hostname {self.hosts[i]} && '
+             f'exec nsenter --net=/run/netns/{ns} "$@"', "sh", exe, *cmd[1:]],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig))
+
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        return super().run("ip", "netns", "exec", self.nodes.ns[0], *cmd, **kw)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for d in self.etc:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_train_sbatch_on_two_slurm_nodes(tmp_path, nodes, reference):
+    if not (shutil.which("unshare") and shutil.which("nsenter")):
+        pytest.skip("unshare and nsenter (util-linux) are needed to give each node its own host name")
+    _ensure_slurm_installed()
+    cluster = TwoNodeCluster(tmp_path / "slurm", nodes)
+    (tmp_path / "slurm").mkdir()
+    try:
+        cluster.start()
+        run_dir, out = tmp_path / "run", tmp_path / "slurm" / "out" / "train.out"
+        job = cluster.sbatch("--nodes=2", "--cpus-per-task=1", f"--output={out}", "slurm/train.sbatch",
+                             f"run.dir={run_dir}", *JOB, "parallel.lift_parallel=2", "run.progress=false")
+        state = cluster.wait(job, 300)[0]
+        log = out.read_text()
+        assert state["JobState"] == "COMPLETED", f"{log[-4000:]}\n{cluster.logs()}"
+        assert "world 2 = 2 node(s) x 1 processes" in log and f"c10d at {cluster.hosts[0]}:" in log, log
+        assert "world 2 = lift_parallel 2 x data_parallel 1" in log, log[-4000:]
+        assert sorted(p.name for p in run_dir.glob("torchrun-*.log")) == [f"torchrun-{h}.log" for h in cluster.hosts]
+        assert_curves_match(losses(run_dir), reference, 1e-5)
+    finally:
+        cluster.stop()
