@@ -8,42 +8,37 @@ What is measured. Base `BaseGraph.mlp(4, [1, 1, 1], 1)` (x -> h1 -> h2 -> h3 -> 
 hidden and output vertices), every non-input fibre of size s = 2**20, degree 8 (law bernoulli,
 so x -> h1 has p = 1: one 4-wide edge per h1 vertex), seed 0, strategy `block`, float32. For each
 P a real gloo world of P spawned ranks (world size = P = lift_parallel, `tests/distributed.py`)
-builds `Shard.create(lift, Layout.from_initialized(P), "block")` then
-`LiftedNetwork(base, lift, shard=shard)`. Per rank: the increase of ru_maxrss (KiB) over those
-two calls (the measure; the table shows the max over ranks), cross-checked by VmHWM reset through
-/proc/self/clear_refs just before, minus VmRSS just before (`hwm MB`; agrees to 0.1 MB);
-tracemalloc's peak (numpy buffers + Python objects, not torch's own allocations); the bytes of
-the arrays the finished shard holds, split into per-edge arrays and whole-fibre O(n) arrays.
+builds `plan = build_plan(lift, Layout.from_initialized(P), "block")`, `Communicator.create(plan,
+layout)` and `LiftedNetwork(base, lift, plan, comm)`. Per rank: the increase of ru_maxrss (KiB)
+over those calls (the measure; the table shows the max over ranks), cross-checked by VmHWM reset
+through /proc/self/clear_refs just before, minus VmRSS just before (`hwm MB`); tracemalloc's peak
+(numpy buffers + Python objects, not torch's own allocations); the bytes of the arrays the
+finished shard holds, split into per-edge arrays and whole-fibre O(n) arrays.
 
-Measured (2026-11-27, Intel Xeon, 2 cores, 24 GiB, python 3.11.7, numpy 2.4.6, torch 2.13.0+cpu,
-other jobs sharing the CPU), before and after the setup-memory changes of the same day:
+History (same machine class: 2 cores, 24 GiB, python 3.11.7, numpy 2.4.6, torch 2.13.0+cpu):
 
-  before: global src/dst kept as int64 buffers beside local-coordinate CSRs, unpermuted copies
-  and per-block lists alive during the build, int64 fibre-sized index arrays, index lists kept in
-  all-gather mode:
-     P  edges/rank  peak MB  B/edge  ratio   1/P
-     1    26213719    785.0    31.4  1.000 1.000
-     2    13108144    860.2    68.8  1.096 0.500
-     4     6556265    539.0    86.2  0.687 0.250
-
-  after (global indices derived on demand from the CSRs and the ownership, arrays permuted in
-  place, per-block lists freed, int32 `local_pos` / `pos_in_owner`, no index lists in all-gather
-  mode, the mode chosen before the index lists are exchanged):
+  2026-11-27, ownership as per-vertex arrays (owners, local_pos, pos_in_owner: O(n) per rank):
      P  edges/rank  peak MB  B/edge  ratio   1/P   held arrays B/edge  O(n) arrays MB
      1    26213719    761.1    30.4  1.000 1.000                21.9            48.0
      2    13108144    591.8    47.3  0.778 0.500                24.2            44.0
      4     6556265    358.7    57.4  0.471 0.250                24.2            44.0
 
-Analysis. The sampling is O(edges/P) (edges per rank halve exactly). Sharded rows now fit
-peak ~ 37 B x edges/rank + ~125 MB: the held arrays per edge are close to the one-rank ones
-(24 vs 22 B: weights 4 B + CSR row/col 16 B + transposed/int32 caches), and what does not shrink
-with P is O(vertices) per rank: `owners` (int32 per non-input fibre, 4 B/vertex), `local_pos` and
-`pos_in_owner` (int32, 4 B/vertex each), the partition's in-degree draws for load balancing
-(freed before the model), and the transient peak of `split_edges` (`np.unique` over the remote
-keys of the base edge being built, ~1 extra array of the edge's size). With ~25 edges per vertex
-here, the O(n) part matches the per-edge part near P ~ 8; scaling further needs the ownership held
-as block ranges instead of per-vertex arrays (possible for the `block` strategy), which is left
-as future work.
+  2026-11-29, the plan stage: `block` ownership held as P + 1 boundaries per fibre (load balancing
+  reads in-degrees block by block and keeps one number per sampling block), weights drawn from
+  the in-degrees alone, the halo split without per-edge owner arrays (AMD EPYC, other jobs on the
+  2 cores: load 10-14; memory, not time, is the measure):
+     P  edges/rank  peak MB  B/edge  ratio   1/P   held arrays B/edge  O(n) arrays MB
+     1    26213719    655.8    26.2  1.000 1.000                21.9             0.0
+     2    13108144    454.9    36.4  0.694 0.500                23.8             0.0
+     4     6556265    264.0    42.2  0.402 0.250                23.8             0.0
+  sharded rows fit: peak = 30.6 B x edges/rank + 73 MB.
+
+Analysis. No array is sized by a whole fibre any more: what a rank holds is O(its edges + its
+vertices). The peak per edge is higher for P > 1 than for P = 1 (30.6 vs 26.2 B) because of the
+transient of the halo split (`np.unique` over the remote sources of the base edge being planned:
+a sorted copy, its argsort and the inverse, beside the sampled src/row). The remaining ~73 MB
+that does not shrink with P is per-process: the process groups (one per exchanging base edge)
+and allocator slack, not lift data.
 """
 from __future__ import annotations
 

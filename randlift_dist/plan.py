@@ -181,10 +181,16 @@ class EdgeSplit:
 
 
 def split_edges(owners_u: Ownership, rank: int, src: np.ndarray) -> EdgeSplit:
+    if owners_u.contiguous:  # owners are monotone in the index: (owner, index) order is index order
+        lo, hi = int(owners_u.bounds[rank]), int(owners_u.bounds[rank + 1])
+        local = (src >= lo) & (src < hi)
+        uniq, col_remote = np.unique(src[~local], return_inverse=True)
+        return EdgeSplit(local, uniq, owners_u.owner_of(uniq), col_remote.reshape(-1))
     owner = owners_u.owner_of(src)
     local = owner == rank
     n_u = owners_u.n
     key = owner[~local] * n_u + src[~local]
+    del owner
     uniq, col_remote = np.unique(key, return_inverse=True)  # halo sorted by (owner, global index)
     return EdgeSplit(local, uniq % n_u, uniq // n_u, col_remote.reshape(-1))
 
@@ -227,15 +233,18 @@ def build_plan(lift: Lift, layout=None, strategy: str = "block", exchange: str =
     plan = ShardPlan(lift, rank, P, owners, {}, strategy, exchange, allgather_threshold)
     for e in lift.base.edges:
         targets = None if (P == 1 or plan.n_own(e.dst) == lift.n(e.dst)) else plan.own(e.dst)
-        src, dst = lift.edges(e, targets)
-        row = dst if targets is None else dst - _first(targets) if owners[e.dst].contiguous \
-            else np.searchsorted(targets, dst)
-        row = row.astype(np.int64)
+        src, row = lift.edges(e, targets)  # row: global target index, made local in place
+        if targets is not None:
+            if owners[e.dst].contiguous:
+                row -= _first(targets)
+            else:
+                row = np.searchsorted(targets, row)
         n_rows = plan.n_own(e.dst)
         if P == 1 or plan.is_input(e.src):
             plan.edges[e.key] = EdgePlan(e.key, n_rows, lift.n(e.src), row, src)
             continue
         plan.edges[e.key] = _exchanging_edge(plan, layout, e, src, row, n_rows)
+        del src, row
     return plan
 
 
@@ -253,7 +262,11 @@ def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarra
     mode, send_splits, recv_splits, max_own = plan_edge_exchange(
         need.view(P, P).numpy(), owners_u, rank, plan.exchange, plan.allgather_threshold)
     row_local, row_remote = _ordered(row, sp.local)
-    col_local = owners_u.position(src[sp.local])
+    col_local = src[sp.local]  # global index -> row in this rank's source rows
+    if owners_u.contiguous:
+        col_local -= owners_u.bounds[rank]
+    else:
+        col_local = owners_u.position(col_local)
     if mode == "alltoall":  # tell each owner which of its rows we need
         asked = torch.zeros(int(sum(send_splits)), dtype=torch.int64)
         dist.all_to_all_single(asked, torch.from_numpy(sp.halo_global.astype(np.int64)), send_splits, recv_splits,

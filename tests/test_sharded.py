@@ -129,7 +129,7 @@ def test_lift_parallel_2_x_data_parallel_2():
     """world 4 = 2 x 2, a different batch per replica: the groups are the layout's, outputs are each
     replica's, and gradients averaged over the data group (and the SGD loss curve) equal world size 1
     on the concatenated batch."""
-    records = merge(run_world(sw.data_parallel_main, 4, timeout=60))
+    records = merge(run_world(sw.data_parallel_main, 4, timeout=WORLD_TIMEOUT))
     assert_records(records, "dp", 4 * (4 + len(sw.STRATEGIES) * 2 * 8 + 2))
 
 
