@@ -49,6 +49,10 @@ CASES = {
     "sources_without_edges": (20, 40, 2, 2, 3, rng0.binomial(10, 0.3, 20), 10),
     "sources_without_edges_scalar": (20, 40, 1, 1, 3, rng0.binomial(10, 0.3, 20), 10),
     "batch1": (30, 30, 1, 1, 1, rng0.binomial(30, 0.2, 30), None),
+    # B >= K._FUSED_MIN_BATCH: the scalar CSR path's backward is the fused blocked one
+    "scalar_batch32": (40, 30, 1, 1, 32, rng0.binomial(30, 0.2, 40), None),
+    "mixed_scalar_out_batch32": (20, 30, 1, 8, 32, rng0.binomial(30, 0.2, 20), None),
+    "d4_batch32_empty": (30, 25, 4, 4, 32, np.where(np.arange(30) % 4 == 0, 0, 3), 15),
     "batch1_d16": (20, 20, 16, 16, 1, rng0.binomial(20, 0.25, 20), None),
     "batch2_d16_fixed": (20, 20, 16, 16, 2, np.full(20, 5), None),
     "batch4_d8_empty_rows": (12, 20, 8, 8, 4, [0, 3, 0, 0, 5, 1, 0, 2, 2, 0, 7, 0], None),  # small-batch path
@@ -129,11 +133,14 @@ def test_gradcheck_float64(name, impl, tiny_chunks, monkeypatch):
     assert torch.autograd.gradcheck(lambda y, w: aggregate(y, w, csr, impl), (y, w), fast_mode=d_v * d_u > 8)
 
 
-@pytest.mark.parametrize("d,B", [(1, 16), (16, 4), (4, 1)])
-def test_large_fan_in_and_many_chunks(d, B, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("d,B", [(1, 16), (16, 4), (4, 1), (3, 32)])
+def test_large_fan_in_and_many_chunks(d, B, fused, monkeypatch):
     """A bigger random lift with binomial degrees (many degree groups, scattered rows) and a
-    fixed-degree one (contiguous groups), split into many chunks."""
+    fixed-degree one (contiguous groups), split into many chunks; the blocked backward fused
+    (both gradients from one gather) and as two kernels."""
     monkeypatch.setattr(K, "_CHUNK_ELEMS", 16384)
+    monkeypatch.setattr(K, "_FUSED_BACKWARD", fused)
     for deg in (np.random.default_rng(3).binomial(150, 0.1, 100), np.full(100, 12)):
         y, w, csr = make_case(100, 150, d, d, B, deg, seed=4)
         gz = torch.randn(100, d, B)
@@ -218,7 +225,7 @@ def test_auto_choice_and_errors():
         aggregate(y, w, csr, "csr")
     with pytest.raises(ValueError, match="unknown"):
         aggregate(y, w, csr, "nope")
-    assert set(IMPLS) == {"auto", "reference", "csr", "blocked"}
+    assert {"auto", "reference", "csr", "blocked"} <= set(IMPLS)
     with pytest.raises(ValueError, match="sorted"):
         CSR(torch.tensor([1, 0]), torch.tensor([0, 0]), 2, 1)
 
@@ -241,8 +248,13 @@ def test_csr_caches_structures():
             assert torch.equal(order[g.pos:g.pos + g.rows.numel()], g.rows)
             if g.r0 is not None:
                 assert torch.equal(g.rows, torch.arange(g.r0, g.r0 + g.rows.numel()))
+            # the group's edges, row by row, each row's in its own order
+            ptr = t_indptr if transposed else csr.indptr
+            want = torch.cat([torch.arange(int(ptr[r]), int(ptr[r + 1])) for r in g.rows.tolist()])
+            assert torch.equal(groups.edges[g.q:g.q + g.k * g.rows.numel()], want)
             covered.append(g.rows)
         assert torch.equal(torch.cat(covered).sort().values, torch.arange(20))
+        assert torch.equal(groups.edges.sort().values, torch.arange(csr.nnz))
     for d_u in (1, 3):  # the scalar matrix [n_v, n_u * d_u] of d_v = 1 targets, and its transpose
         x = csr.scalar_expansion(d_u)
         assert x is csr.scalar_expansion(d_u) and x.col.dtype == torch.int32

@@ -5,8 +5,9 @@ structure (the structure is static for the whole run, so this is setup cost, pai
 
 - `transposed()`: the edges sorted by source (row pointer over sources, target of each edge, and
   the permutation to our edge order), for the input-gradient SpMM;
-- `degree_groups(transposed)`: the rows (or sources) grouped by their number of edges, used by
-  the blocked kernel to turn the sparse product into one batched matmul per group;
+- `degree_groups(transposed)`: the rows (or sources) grouped by their number of edges, and the
+  edges listed in that order (8 bytes per edge), used by the blocked kernel to turn the sparse
+  product into one batched matmul per chunk of a group;
 - `scalar_expansion(d_u)`: for targets of dimension 1, the scalar CSR matrix
   `[n_rows, n_cols * d_u]` whose values are the flat weights `[m, 1, d_u]`, and its transpose,
   with int32 indices (torch's MKL CSR kernels convert int64 indices to int32 on every call);
@@ -23,27 +24,32 @@ import torch
 @dataclass(frozen=True)
 class DegreeGroup:
     """Rows that all have `k > 0` edges, ascending; they sit at `pos:pos+len(rows)` of the
-    degree-sorted order. If they form one range of rows, `r0` is its start and `e0` the first
-    edge of row r0 (then the group's edges are one range too)."""
+    degree-sorted order and their edges at `q:q + k*len(rows)` of `DegreeGroups.edges`. If they
+    form one range of rows, `r0` is its start and `e0` the first edge of row r0 (then the
+    group's edges are one range too)."""
 
     k: int
     rows: torch.Tensor  # int64 [n_k]
     pos: int
     r0: int | None
     e0: int | None
+    q: int
 
 
 @dataclass(frozen=True)
 class DegreeGroups:
     """The rows sorted by degree (stable): rows without edges first (`n_empty` of them), then one
     `DegreeGroup` per degree. `inv[r]` is the sorted position of row r; `identity` when the
-    sorted order is the row order (e.g. every row has the same degree)."""
+    sorted order is the row order (e.g. every row has the same degree). `edges` lists every
+    edge (its position in the indexed order: CSR order, or transposed order) row by row in the
+    degree-sorted order of the rows, so a chunk of a group's rows has its edges in one slice."""
 
     groups: tuple[DegreeGroup, ...]
     n_empty: int
     empty_rows: torch.Tensor  # int64 [n_empty], the rows without edges
     inv: torch.Tensor  # int64 [n_rows]
     identity: bool
+    edges: torch.Tensor  # int64 [nnz]
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
     deg = indptr[1:] - indptr[:-1]
     order = torch.argsort(deg, stable=True)  # ascending degree; rows ascending within a degree
     ks, counts = torch.unique_consecutive(deg[order], return_counts=True)
-    groups, n_empty, s = [], 0, 0
+    groups, n_empty, s, q = [], 0, 0, 0
     for k, c in zip(ks.tolist(), counts.tolist()):
         rows = order[s:s + c]
         if k == 0:
@@ -100,12 +106,18 @@ def _degree_groups(indptr: torch.Tensor) -> DegreeGroups:
             first, last = int(rows[0]), int(rows[-1])
             contiguous = last - first + 1 == c
             groups.append(DegreeGroup(int(k), rows, s, first if contiguous else None,
-                                      int(indptr[first]) if contiguous else None))
+                                      int(indptr[first]) if contiguous else None, q))
         s += c
+        q += k * c
+    # edges row by row in sorted row order: start of the row + rank within the row
+    sdeg = deg[order]
+    starts = torch.repeat_interleave(indptr[:-1][order], sdeg)
+    first = torch.repeat_interleave(torch.cumsum(sdeg, 0) - sdeg, sdeg)  # first slot of each edge's row
+    edges = starts + (torch.arange(starts.numel(), device=indptr.device) - first)
     identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    return DegreeGroups(tuple(groups), n_empty, order[:n_empty], inv, identity)
+    return DegreeGroups(tuple(groups), n_empty, order[:n_empty], inv, identity, edges)
 
 
 class CSR:

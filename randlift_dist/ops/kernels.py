@@ -17,13 +17,19 @@ IMPLS = ("auto", "reference", "csr", "blocked", "triton")
 # kernel. 2**21 fp32 elements is 8 MiB: the chunk is consumed by the matmul while it is still in
 # cache, and there are few enough chunks that per-op overhead stays small (measured: 2**19 to
 # 2**22 are within noise at d = 16, B = 256; 2**17 is 1.5x slower). The workspaces are reused.
-_CHUNK_ELEMS = 1 << 21
+_CHUNK_ELEMS = 1 << 19
 # On accelerators, bigger chunks (fewer kernel launches; the caching allocator makes them cheap).
 # Untested on a GPU so far: tune there.
 _CHUNK_ELEMS_ACCEL = 1 << 25
-# Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; five
-# slots, so at most ~5 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
+# Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; six
+# slots, so at most ~6 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
 _WS_CACHE_MAX = 1 << 23
+# Both blocked gradients from one gather of the output gradients (`_blocked_backward`); False
+# runs the two separate kernels (kept for the small-batch path, single gradients and benchmarks).
+_FUSED_BACKWARD = True
+# The scalar CSR path uses that fused backward from this batch size on (measured at B = 256 only;
+# below, the SpMM + sampled product is kept).
+_FUSED_MIN_BATCH = 16
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -93,8 +99,10 @@ class _ScalarCSR(torch.autograd.Function):
     """d_v = 1 (scalar targets, any d_u): z = A @ Y with A the scalar CSR matrix
     `[n_v, n_u * d_u]` holding the flat weights (`CSR.scalar_expansion`), Y = y as `[n_u*d_u, B]`.
 
-    Backward: `gY = A^T @ gZ` with the cached transposed structure (torch's `A.t() @ gZ` converts
-    the matrix on every call and is ~10x slower), and `gw = sampled(gZ @ Y^T)` on A's pattern.
+    Backward, both gradients at B >= _FUSED_MIN_BATCH: the blocked kernels' fused backward (one
+    gather of gZ rows serves both). Else: `gY = A^T @ gZ` with the cached transposed structure
+    (torch's `A.t() @ gZ` converts the matrix on every call and is ~10x slower), and
+    `gw = sampled(gZ @ Y^T)` on A's pattern.
     Indices are cached as int32 (MKL's index type). Only y and w are saved. For d_u > 1 this
     beats the blocked kernel 2-3x on CPU (its batched GEMMs have a single row there).
     """
@@ -115,6 +123,10 @@ class _ScalarCSR(torch.autograd.Function):
         y, w = ctx.saved_tensors
         x = ctx.csr.scalar_expansion(w.shape[2])
         B = y.shape[2]
+        if all(ctx.needs_input_grad[:2]) and B >= _FUSED_MIN_BATCH and _FUSED_BACKWARD:
+            # one gather of gz rows for both gradients (see `_blocked_backward`): 1.2x faster at
+            # d = 1, 2x at d_u = 16 than the transposed SpMM + sampled product (B = 256)
+            return (*_blocked_backward(gz.contiguous(), y, w, ctx.csr), None)
         gz2 = gz.reshape(x.n_rows, B).contiguous()
         gy = gw = None
         if ctx.needs_input_grad[0]:
@@ -140,16 +152,18 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _row_chunks(groups: DegreeGroups, w_shape, B: int, device: torch.device):
-    """Yield `(k, rows, pos, e0)` chunks of rows with k edges whose gathered activations and weight
-    blocks each hold at most ~_CHUNK_ELEMS elements; `pos` is the chunk's offset in the
-    degree-sorted order, `e0` its first edge when its edges are one range (else None)."""
+    """Yield `(k, rows, pos, e0, q)` chunks of rows with k edges whose gathered activations and
+    weight blocks each hold at most ~_CHUNK_ELEMS elements; `pos` is the chunk's offset in the
+    degree-sorted order, `e0` its first edge when its edges are one range (else None), and its
+    edges are `groups.edges[q:q + k * len(rows)]`."""
     _, d_v, d_u = w_shape
     per_edge = max(d_u * B, d_v * B, d_u * d_v)
     budget = _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_ACCEL
     for g in groups.groups:
         c = max(1, budget // (g.k * per_edge))
         for s in range(0, g.rows.numel(), c):
-            yield g.k, g.rows[s:s + c], g.pos + s, (None if g.r0 is None else g.e0 + s * g.k)
+            yield (g.k, g.rows[s:s + c], g.pos + s, (None if g.r0 is None else g.e0 + s * g.k),
+                   g.q + s * g.k)
 
 
 class _Output:
@@ -195,11 +209,6 @@ class _Output:
         return self.buf.index_select(0, self.groups.inv) if self.mode == "sorted" else self.buf
 
 
-def _edges(indptr: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Edge ids (positions in the CSR order) `[len(rows) * k]`, row-major, of rows with k edges."""
-    return (indptr.index_select(0, rows).unsqueeze(1) + torch.arange(k, device=rows.device)).reshape(-1)
-
-
 def _vk_index(e: torch.Tensor, c: int, k: int, d_v: int) -> torch.Tensor:
     """Row ids of `w.view(m * d_v, d_u)` in the order (row n, v, slot k): `e[n, k] * d_v + v`."""
     return (e.view(c, 1, k) * d_v + torch.arange(d_v, device=e.device).view(1, d_v, 1)).reshape(-1)
@@ -217,6 +226,11 @@ def _gather_w_vk(w: torch.Tensor, e: torch.Tensor | None, e0: int | None, c: int
         return out.view(c, d_v, k * d_u)
     if d_v == 1 or k == 1:
         return torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1)).view(c, d_v, k * d_u)
+    if d_u >= 8:  # whole blocks, then one strided copy: ~1.4x faster than gathering d_u-rows
+        blocks = torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 3))
+        out = _ws_view((c, d_v, k, d_u), w, 1)
+        out.copy_(blocks.view(c, k, d_v, d_u).transpose(1, 2))
+        return out.view(c, d_v, k * d_u)
     out = _ws_view((c * d_v * k, d_u), w, 1)
     torch.index_select(w.view(-1, d_u), 0, _vk_index(e, c, k, d_v), out=out)
     return out.view(c, d_v, k * d_u)
@@ -303,9 +317,9 @@ def _blocked_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor
         return _blocked_forward_small_batch(y, w, csr)
     groups = csr.degree_groups()
     z = _Output(groups, (csr.n_rows, d_v, B), y)
-    for k, rows, pos, e0 in _row_chunks(groups, w.shape, B, y.device):
+    for k, rows, pos, e0, q in _row_chunks(groups, w.shape, B, y.device):
         c = rows.numel()
-        e = _edges(csr.indptr, rows, k) if e0 is None else None
+        e = groups.edges[q:q + c * k] if e0 is None else None
         src = csr.col[e0:e0 + c * k] if e is None else csr.col.index_select(0, e)
         yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0))
         z.commit(rows, _bmm(_gather_w_vk(w, e, e0, c, k), yg.view(c, k * d_u, B), out=z.target(pos, c)))
@@ -322,13 +336,13 @@ def _blocked_grad_input(gz: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Te
     t_indptr, t_row, perm = csr.transposed()
     groups = csr.degree_groups(transposed=True)
     gy = _Output(groups, (csr.n_cols, d_u, B), gz)
-    for k, srcs, pos, p0 in _row_chunks(groups, w.shape, B, gz.device):
+    for k, srcs, pos, p0, q in _row_chunks(groups, w.shape, B, gz.device):
         c = srcs.numel()
         if p0 is not None:
             e = perm[p0:p0 + c * k]
             tgt = t_row[p0:p0 + c * k]
         else:
-            p = _edges(t_indptr, srcs, k)
+            p = groups.edges[q:q + c * k]
             e = perm.index_select(0, p)
             tgt = t_row.index_select(0, p)
         gg = torch.index_select(gz, 0, tgt, out=_ws_view((c * k, d_v, B), gz, 0)).view(c, k * d_v, B)
@@ -347,9 +361,10 @@ def _blocked_grad_weight(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -
     if _small_batch(w_shape, B):
         return _blocked_grad_weight_small_batch(gz, y, w_shape, csr)
     gw = gz.new_empty(m, d_v, d_u)
-    for k, rows, pos, e0 in _row_chunks(csr.degree_groups(), w_shape, B, y.device):
+    groups = csr.degree_groups()
+    for k, rows, pos, e0, q in _row_chunks(groups, w_shape, B, y.device):
         c = rows.numel()
-        e = _edges(csr.indptr, rows, k) if e0 is None else None
+        e = groups.edges[q:q + c * k] if e0 is None else None
         src = csr.col[e0:e0 + c * k] if e is None else csr.col.index_select(0, e)
         g = torch.index_select(gz, 0, rows, out=_ws_view((c, d_v, B), gz, 2))
         yg = torch.index_select(y, 0, src, out=_ws_view((c * k, d_u, B), y, 0)).view(c, k * d_u, B)
@@ -362,6 +377,42 @@ def _blocked_grad_weight(gz: torch.Tensor, y: torch.Tensor, w_shape, csr: CSR) -
                 blocks = _ws_view((c * k, d_v, d_u), gz, 3).copy_(blocks)
             gw.index_copy_(0, e, blocks.reshape(c * k, d_v, d_u))
     return gw
+
+
+def _blocked_backward(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, csr: CSR):
+    """Both gradients from ONE gather of the output gradients, on the transposed structure.
+
+    For a chunk of c sources with k out-edges each: gather `gz[targets]` once as `[c, k*d_v, B]`;
+    then `gy[i] = [W_1^T ... W_k^T] @ gathered` (as in `_blocked_grad_input`) and, with the
+    sources' own rows `y[i]` (a slice, or a small gather of c rows), the weight gradients
+    `gathered @ y[i]^T` `[c, k*d_v, d_u]`, which is already the `[k, d_v, d_u]` stack of the
+    sources' edge blocks: one `index_copy_` puts them in edge order (each edge once, so
+    deterministic). Versus the separate kernels this saves the second gather of `[m, d_u, B]`
+    source rows (a third of the training step's gathered bytes), at the price of scattering
+    `[m, d_v, d_u]` gradient blocks (B / d_v times fewer bytes)."""
+    m, d_v, d_u = w.shape
+    B = gz.shape[2]
+    t_indptr, t_row, perm = csr.transposed()
+    groups = csr.degree_groups(transposed=True)
+    gy = _Output(groups, (csr.n_cols, d_u, B), gz)
+    gw = gz.new_empty(m, d_v, d_u)
+    for k, srcs, pos, p0, q in _row_chunks(groups, w.shape, B, gz.device):
+        c = srcs.numel()
+        if p0 is not None:  # contiguous sources: their edges are one range of the transposed order
+            e = perm[p0:p0 + c * k]
+            tgt = t_row[p0:p0 + c * k]
+            ys = y.narrow(0, int(srcs[0]), c)
+        else:
+            p = groups.edges[q:q + c * k]
+            e = perm.index_select(0, p)
+            tgt = t_row.index_select(0, p)
+            ys = torch.index_select(y, 0, srcs, out=_ws_view((c, d_u, B), y, 3))
+        gg = torch.index_select(gz, 0, tgt, out=_ws_view((c * k, d_v, B), gz, 0)).view(c, k * d_v, B)
+        wt = torch.index_select(w, 0, e, out=_ws_view((c * k, d_v, d_u), w, 1)).view(c, k * d_v, d_u)
+        gy.commit(srcs, _bmm(wt.transpose(1, 2), gg, out=gy.target(pos, c)))
+        blocks = _bmm(gg, ys.transpose(1, 2), out=_ws_view((c, k * d_v, d_u), gz, 5))
+        gw.index_copy_(0, e, blocks.view(c * k, d_v, d_u))
+    return gy.result(), gw
 
 
 class _Blocked(torch.autograd.Function):
@@ -383,6 +434,8 @@ class _Blocked(torch.autograd.Function):
         y, w = ctx.saved_tensors
         csr = ctx.csr
         gz = gz.contiguous()
+        if all(ctx.needs_input_grad[:2]) and not _small_batch(w.shape, gz.shape[2]) and _FUSED_BACKWARD:
+            return (*_blocked_backward(gz, y, w, csr), None)
         gy = _blocked_grad_input(gz, w, csr) if ctx.needs_input_grad[0] else None
         gw = _blocked_grad_weight(gz, y, w.shape, csr) if ctx.needs_input_grad[1] else None
         return gy, gw, None
@@ -391,7 +444,9 @@ class _Blocked(torch.autograd.Function):
 def aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") -> torch.Tensor:
     """`z[j] = sum_{(i->j)} w_ij @ y[i]`; y `[n_u, d_u, B]`, w `[m, d_v, d_u]` -> z `[n_v, d_v, B]`."""
     if impl == "auto":  # triton on CUDA (dtypes it supports, if it imports); else csr / blocked
-        impl = "csr" if w.shape[1] == 1 and y.device.type == "cpu" else "blocked"
+        # MKL's CSR kernels take float32/float64 only: bf16 on CPU goes to the blocked kernel
+        scalar_cpu = w.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+        impl = "csr" if scalar_cpu else "blocked"
         if y.device.type == "cuda":
             from . import triton_kernels  # does not import triton itself
 

@@ -1,0 +1,292 @@
+"""One full training step (forward, backward, Adam) of a lift too big for the caches, timed.
+
+Run: `python bench/step.py` (both cases, a few minutes on 2 cores), or e.g.
+`python bench/step.py --cases d16 --size 4096 --repeats 3`.
+
+Cases (defaults): `d16`: residual MLP of width 16 (depth 4, 16 inputs, 1 output), lift size
+s = 8192, bernoulli degree 16: ~176M parameters; `d1`: an MLP of scalar vertices (depth 4), s =
+65536, degree 32 (~17M parameters). Batch B = 256, fp32, MSE loss against a random target.
+
+Printed per case: samples/s and lifted edge-samples/s; the step split into aggregation (the
+kernels' autograd functions, timed by wrapping their forward and backward), exchange (none at
+world size 1; the sharded 2-rank mode is left out while the sharding API is being reworked),
+optimizer (Adam) and the rest (activations, loss, autograd bookkeeping); FLOPs and FLOP/s, the
+same against a dense MLP step (`torch.nn.Linear` layers with the same FLOPs per sample, same
+batch, Adam) measured in the same run; for d = 1 the gather floor: one gathered activation row
+per edge (`index_select` of `[m, B]` rows from `[n, B]` into a reused cache-sized buffer, chunk
+by chunk), three passes (forward, input gradient, weight gradient), and the step's ratio to it.
+
+FLOPs: 2 * B * (edge parameters) forward, twice that backward (input and weight gradients), for
+the lift and the dense MLP alike (biases, activations and readout ignored: < 1%).
+
+RESULTS: see the end of this docstring (filled in from measured runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# Huge pages for torch's big CPU tensors (read once, at torch's first allocation, so set before
+# importing torch): every fresh [s, d, B] activation, gradient and kernel output otherwise pays
+# ~0.5 ms of page faults per MiB on VMs. `--no-thp` (or setting the variable to 0) turns it off.
+if "--no-thp" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F
+
+from hardware import hardware_line  # bench/hardware.py (the script's directory is on sys.path)
+import randlift_dist.ops.kernels as K
+from randlift_dist import BaseGraph, LiftedNetwork, random_sparse_lift
+
+CLOCK = time.perf_counter
+
+
+# ----------------------------------------------------------------------------- kernel timers
+class KernelTimers:
+    """Wall time spent inside the aggregation kernels' autograd functions (forward, backward).
+
+    Wraps the `forward` / `backward` of every `torch.autograd.Function` defined in
+    `randlift_dist.ops.kernels` for the lifetime of the object (`restore()` undoes it). On CPU the
+    kernels are synchronous, so wall time around them is their cost.
+    """
+
+    def __init__(self):
+        self.fwd = self.bwd = 0.0
+        self.saved = []
+        for name in dir(K):
+            cls = getattr(K, name)
+            if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == K.__name__:
+                for attr in ("forward", "backward"):
+                    orig = cls.__dict__[attr]
+                    self.saved.append((cls, attr, orig))
+                    setattr(cls, attr, staticmethod(self._timed(orig.__func__, attr)))
+
+    def _timed(self, fn, attr):
+        def wrapper(*args):
+            t0 = CLOCK()
+            try:
+                return fn(*args)
+            finally:
+                dt = CLOCK() - t0
+                if attr == "forward":
+                    self.fwd += dt
+                else:
+                    self.bwd += dt
+        return wrapper
+
+    def reset(self):
+        self.fwd = self.bwd = 0.0
+
+    def restore(self):
+        for cls, attr, orig in self.saved:
+            setattr(cls, attr, orig)
+
+
+# ----------------------------------------------------------------------------- models
+def build_case(name: str, args):
+    """(title, net, in_dim, out_dim): the lifted network of one benchmark case."""
+    if name == "d16":
+        base = BaseGraph.residual_mlp(args.in_dim, args.width, args.depth, 1, activation="relu")
+        lift = random_sparse_lift(base, size=args.size, degree=args.degree, seed=0)
+        title = (f"residual MLP width {args.width}, depth {args.depth}, s = {args.size}, "
+                 f"degree {args.degree:g} (bernoulli)")
+    elif name == "d1":
+        base = BaseGraph.mlp(1, [1] * args.depth, 1, activation="relu")
+        lift = random_sparse_lift(base, size=args.size1, degree=args.degree1, seed=0)
+        title = f"MLP of scalar vertices, depth {args.depth}, s = {args.size1}, degree {args.degree1:g} (bernoulli)"
+    else:
+        raise ValueError(f"case {name!r}: choose d16 or d1")
+    net = LiftedNetwork(base, lift, readout_scale="sqrt", readout_init="normal", seed=0, impl=args.impl)
+    return title, base, net, base.in_dim, net.out_dim
+
+
+def edge_params(net: torch.nn.Module) -> int:
+    """Parameters of the lifted edges (`[m, d_v, d_u]` weights), the FLOP-carrying ones."""
+    return sum(p.numel() for n, p in net.named_parameters() if p.dim() == 3 and n.startswith("edges"))
+
+
+def dense_mlp(params: int, layers: int) -> tuple[torch.nn.Module, int]:
+    """`layers` square bias-free Linear layers (ReLU between) with about `params` weights."""
+    width = max(64, int(round((params / layers) ** 0.5 / 64)) * 64)
+    mods = []
+    for i in range(layers):
+        mods.append(torch.nn.Linear(width, width, bias=False))
+        if i < layers - 1:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods), width
+
+
+def make_adam(params, kind: str):
+    if kind == "fused":
+        return torch.optim.Adam(params, lr=1e-4, fused=True)
+    if kind == "foreach":
+        return torch.optim.Adam(params, lr=1e-4, foreach=True)
+    return torch.optim.Adam(params, lr=1e-4, foreach=False)
+
+
+def timed_step(model, opt, x, target, timers: KernelTimers | None):
+    """One training step; returns (forward, backward, optimizer) seconds and kernel seconds."""
+    if timers is not None:
+        timers.reset()
+    opt.zero_grad(set_to_none=True)
+    t0 = CLOCK()
+    loss = F.mse_loss(model(x), target)
+    t1 = CLOCK()
+    loss.backward()
+    t2 = CLOCK()
+    opt.step()
+    t3 = CLOCK()
+    kern = (timers.fwd, timers.bwd) if timers is not None else (0.0, 0.0)
+    return (t1 - t0, t2 - t1, t3 - t2), kern
+
+
+def best_of(fn, repeats: int):
+    """Min over `repeats` runs (after one warm-up) of each component returned by fn."""
+    fn()
+    runs = [fn() for _ in range(repeats)]
+    return min(runs, key=lambda r: sum(r[0]))
+
+
+# ----------------------------------------------------------------------------- gather floor
+def gather_floor(net: LiftedNetwork, base: BaseGraph, B: int, repeats: int) -> float:
+    """Seconds of three passes of one gathered `[B]` row per lifted edge (d = 1 only).
+
+    Forward and weight-gradient passes gather source rows in target order, the input-gradient
+    pass gathers target rows in source order; each into a reused buffer of the kernels' chunk
+    size (so the gathered rows are read once from memory and written into cache)."""
+    chunk = max(1, K._CHUNK_ELEMS // B)
+    buf = torch.empty(chunk, B)
+    passes = []
+    g = torch.Generator().manual_seed(0)
+    for e in base.edges:
+        src, dst = net.edge_index(e)
+        order = torch.argsort(dst * (int(src.max()) + 1 if src.numel() else 1) + src)
+        by_dst = src[order].contiguous()  # sources in target order
+        by_src = dst[torch.argsort(src, stable=True)].contiguous()  # targets in source order
+        y = torch.randn(net.lift.n(e.src), B, generator=g)
+        gz = torch.randn(net.lift.n(e.dst), B, generator=g)
+        passes += [(y, by_dst), (gz, by_src), (y, by_dst)]
+
+    def run():
+        t0 = CLOCK()
+        for table, idx in passes:
+            for s in range(0, idx.numel(), chunk):
+                part = idx[s:s + chunk]
+                torch.index_select(table, 0, part, out=buf[:part.numel()])
+        return CLOCK() - t0
+
+    run()
+    return min(run() for _ in range(repeats))
+
+
+# ----------------------------------------------------------------------------- main
+def gflops(flops: float, s: float) -> float:
+    return flops / s / 1e9
+
+
+def run_case(name: str, args) -> None:
+    t0 = CLOCK()
+    title, base, net, in_dim, out_dim = build_case(name, args)
+    B = args.batch
+    P = sum(p.numel() for p in net.parameters())
+    Pe = edge_params(net)
+    m = net.num_edges()
+    print(f"\n## {name}: {title}, B = {B}: {P / 1e6:.1f}M parameters ({Pe / 1e6:.1f}M in edge weights), "
+          f"{m / 1e6:.2f}M lifted edges (built in {CLOCK() - t0:.0f} s)")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, in_dim, generator=g)
+    target = torch.randn(B, out_dim, generator=g)
+    opt = make_adam(net.parameters(), args.adam)
+    timers = KernelTimers()
+    try:
+        (tf, tb, to), (kf, kb) = best_of(lambda: timed_step(net, opt, x, target, timers), args.repeats)
+    finally:
+        timers.restore()
+    total = tf + tb + to
+    flops = 6.0 * B * Pe
+    print(f"step {total * 1e3:.0f} ms (min of {args.repeats}): {B / total:.1f} samples/s, "
+          f"{m * B / total / 1e9:.2f} G lifted edge-samples/s, {flops / 1e9:.1f} GFLOP, "
+          f"{gflops(flops, total):.1f} GFLOP/s")
+    print(f"  forward {tf * 1e3:.0f} ms ({gflops(flops / 3, tf):.1f} GFLOP/s), "
+          f"backward {tb * 1e3:.0f} ms ({gflops(2 * flops / 3, tb):.1f} GFLOP/s)")
+    rest = total - kf - kb - to
+    print(f"  aggregation {(kf + kb) * 1e3:.0f} ms ({100 * (kf + kb) / total:.0f}%: forward {kf * 1e3:.0f}, "
+          f"backward {kb * 1e3:.0f}; {gflops(flops, kf + kb):.1f} GFLOP/s in the kernels)")
+    print("  exchange 0 ms (world size 1: nothing to exchange, nothing to hide)")
+    print(f"  optimizer (Adam, {args.adam}) {to * 1e3:.0f} ms ({100 * to / total:.0f}%)")
+    print(f"  rest (activations, loss, autograd) {rest * 1e3:.0f} ms ({100 * rest / total:.0f}%)")
+    del opt
+
+    if name == "d1" and not args.no_floor:
+        floor = gather_floor(net, base, B, args.repeats)
+        agg = kf + kb
+        print(f"  gather floor (3 passes of one [B] row per edge) {floor * 1e3:.0f} ms: "
+              f"step / floor = {total / floor:.2f}, kernels / floor = {agg / floor:.2f} "
+              f"({3 * m * B * 4 / floor / 1e9:.1f} GB/s gathered)")
+    del net
+
+    if not args.no_dense:
+        dense, width = dense_mlp(Pe, args.dense_layers)
+        Pd = sum(p.numel() for p in dense.parameters())
+        xd = torch.randn(B, width, generator=g)
+        td = torch.randn(B, width, generator=g)
+        dopt = make_adam(dense.parameters(), args.adam)
+        (df, db, do), _ = best_of(lambda: timed_step(dense, dopt, xd, td, None), args.repeats)
+        dtot = df + db + do
+        dflops = 6.0 * B * Pd
+        print(f"dense MLP ({args.dense_layers} x Linear({width}, {width}), {Pd / 1e6:.1f}M parameters) step "
+              f"{dtot * 1e3:.0f} ms: forward {df * 1e3:.0f}, backward {db * 1e3:.0f}, Adam {do * 1e3:.0f}; "
+              f"{gflops(dflops, dtot):.1f} GFLOP/s ({gflops(dflops, df + db):.1f} without Adam)")
+        print(f"  lift / dense FLOP rate: step {gflops(flops, total) / gflops(dflops, dtot):.2f}, "
+              f"forward+backward {gflops(flops, tf + tb) / gflops(dflops, df + db):.2f}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="d16,d1", help="comma-separated: d16, d1")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--width", type=int, default=16, help="d16 case: vertex dimension")
+    p.add_argument("--depth", type=int, default=4, help="hidden layers (both cases)")
+    p.add_argument("--in-dim", type=int, default=16, help="d16 case: input dimension")
+    p.add_argument("--size", type=int, default=8192, help="d16 case: lift size s")
+    p.add_argument("--degree", type=float, default=16, help="d16 case: average degree")
+    p.add_argument("--size1", type=int, default=65536, help="d1 case: lift size s")
+    p.add_argument("--degree1", type=float, default=32, help="d1 case: average degree")
+    p.add_argument("--impl", default="auto", help="aggregation kernel (ops.IMPLS)")
+    p.add_argument("--adam", choices=["fused", "foreach", "loop"], default="fused")
+    p.add_argument("--dense-layers", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="thread: CPU time of the main thread with 1 torch thread (robust on a busy machine)")
+    p.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="only 1 for now (the sharded mode waits for the sharding API to settle)")
+    args = p.parse_args(argv)
+    if args.world_size != 1:
+        p.error(f"--world-size {args.world_size}: only 1 is supported (drop the option)")
+    global CLOCK
+    if args.clock == "thread":
+        args.threads = 1
+        CLOCK = time.thread_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("# training step benchmark")
+    print(hardware_line())
+    print(f"clock {args.clock}, torch threads {torch.get_num_threads()}, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}, load average at start {os.getloadavg()[0]:.2f}")
+    for name in args.cases.split(","):
+        run_case(name.strip(), args)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
