@@ -203,8 +203,7 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
     if err is not None and layout.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (root / "latest.tmp").unlink(missing_ok=True)
-    err = _agree(err)
-    _raise(err)
+    _raise(_agree(err))
     if layout.rank == 0:
         _prune(root, keep)
     _agree(None)  # nobody returns before the rotation is done
@@ -220,11 +219,8 @@ def _steps(root: Path) -> list[Path]:
 def _prune(root: Path, keep: int) -> None:
     """Delete checkpoints older than the `keep` newest structurally intact ones."""
     intact = [d for d in _steps(root) if not structure_problems(d)]
-    if len(intact) < keep:
-        return
-    oldest_kept = int(intact[keep - 1].name[5:])
-    for d in _steps(root):
-        if int(d.name[5:]) < oldest_kept:
+    for d in _steps(root) if len(intact) >= keep else []:
+        if int(d.name[5:]) < int(intact[keep - 1].name[5:]):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -354,6 +350,11 @@ def load_weights(path: Path, cfg, lift, net) -> tuple[int, dict]:
         meta = read_meta(path)
         check_compatible(meta, cfg, lift, path)
         state, step = read_rows(path, meta["shards"], row_keys(net)), int(meta["step"])
+        bad = [f"{n!r} {tuple(state[n]['value'].shape)} vs {tuple(p.shape)} here" for n, p in net.named_parameters()
+               if state[n]["value"].shape != p.shape]
+        if bad:
+            raise CheckpointError(f"checkpoint {path} holds other tensor shapes ({bad[0]}): it was written for another "
+                                  "network (model.out_dim?); use a new run.dir or train.resume=none")
     except CheckpointError as e:
         err = ("corrupt" if isinstance(e, CheckpointCorruptError) else "config", str(e))
     except RowsError as e:

@@ -62,16 +62,25 @@ def make(cfg):
     return lift, net
 
 
-@pytest.fixture
-def run(tmp_path):
-    """Checkpoints of steps 1 and 2 (different weights) under tmp_path; returns (cfg, lift, engines)."""
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Checkpoints of steps 1 and 2 (different weights), written once: `(folder, cfg, lift, engines)`."""
+    root = tmp_path_factory.mktemp("saved")
     cfg = load_config(None, OVERRIDES)
     engines = {}
     for step in (1, 2):
         lift, net = make(cfg)
         engines[step] = Engine(net, steps=step)
-        ck.save(tmp_path, step, cfg, lift, engines[step], Layout(), keep=3, block_bytes=BLOCK)
-    return cfg, lift, engines
+        ck.save(root, step, cfg, lift, engines[step], Layout(), keep=3, block_bytes=BLOCK)
+    return root, cfg, lift, engines
+
+
+@pytest.fixture
+def run(tmp_path, saved):
+    """A copy of the saved checkpoints in tmp_path; returns (cfg, lift, engines)."""
+    root, cfg, lift, engines = saved
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return load_config(None, OVERRIDES), lift, engines
 
 
 def assert_loaded(path, cfg, lift, engine):
@@ -244,6 +253,15 @@ def test_data_change_is_refused_unless_allowed(tmp_path, run):
     assert "data.seed" not in msg
     cfg.train.resume_allow_data_change = True
     assert assert_loaded(tmp_path / "step_00000002", cfg, lift, engines[2]) == 2
+
+
+def test_other_readout_width_is_refused_in_one_line(tmp_path, run):
+    cfg, lift, _ = run
+    net = LiftedNetwork(*cfg.build_lift(), out_dim=2, seed=cfg.model.weight_seed, readout_init="normal")
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_weights(tmp_path / "step_00000002", cfg, lift, net)
+    msg = str(err.value)
+    assert "other tensor shapes ('readouts." in msg and "model.out_dim" in msg and "\n" not in msg, msg
 
 
 def test_data_file_contents_are_part_of_the_fingerprint(tmp_path, run):
