@@ -20,6 +20,7 @@ parameter carries `model_parallel = True`, and its config is generated from ours
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -253,7 +254,9 @@ class DeepSpeedEngine(Engine):
     def _restore_schedule(self, step: int) -> None:
         if self.scheduler is not None:  # the scheduler stepped `step` times: lr of step `step`
             self.scheduler.last_epoch = step - 1
-            self.scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, skip_nonfinite: bool = False) -> dict[str, float]:
         lr = self.lr()
