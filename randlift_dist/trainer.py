@@ -83,16 +83,15 @@ class Trainer:
         """Cheap check before any set-up: the newest checkpoint already reached `train.steps`."""
         if self.cfg.train.resume != "auto":
             return
-        for d in ckpt._steps(self.ckpt_root):
-            if ckpt.structure_problems(d):
-                continue
-            meta = ckpt.read_meta(d)
-            if int(meta["step"]) >= self.cfg.train.steps:
-                ckpt.check_compatible(meta, self.cfg, self.lift, d)  # a refused resume stays refused
-                raise RunFinished(f"run {self.run_dir} already finished: checkpoint {d.name} is at step "
-                                  f"{meta['step']} of train.steps={self.cfg.train.steps}; nothing to do "
-                                  "(raise train.steps to train further, or use a new run.dir)")
+        newest, _ = ckpt.find_intact(self.ckpt_root, verify=False)  # structure only: cheap, local
+        if newest is None:
             return
+        meta = ckpt.read_meta(newest)
+        if int(meta["step"]) >= self.cfg.train.steps:
+            ckpt.check_compatible(meta, self.cfg, self.lift, newest)  # a refused resume stays refused
+            raise RunFinished(f"run {self.run_dir} already finished: checkpoint {newest.name} is at step "
+                              f"{meta['step']} of train.steps={self.cfg.train.steps}; nothing to do "
+                              "(raise train.steps to train further, or use a new run.dir)")
 
     def resume(self) -> tuple[Path | None, int, dict | None]:
         """Load the checkpoint's weights into the network: `(path, step, saved rows)`.
