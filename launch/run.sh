@@ -22,7 +22,9 @@
 #    Restarts are made reliable by TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every restart gets a new
 #    worker store instead of reusing the rendezvous store, which hangs or refuses connections at
 #    large lifts), a rendezvous join timeout and a 0.5 s worker monitor.
-# 3. An error that a restart would repeat ends the job at once, without restarts: rank 0 wrote
+# 3. Before a restart its reason is printed once (rank 0's exit_status.json, which the trainer
+#    writes instead of printing under this launcher: RANDLIFT_LAUNCHER_REPORTS=1).
+#    An error that a restart would repeat ends the job at once, without restarts: rank 0 wrote
 #    exit_status.json with a status other than 1 (2 bad input: config, layout, a checkpoint of
 #    another lift; 3 a non-finite loss). Status 1 (a peer died, I/O) is restarted.
 # 4. On failure: if the trainer wrote `<run.dir>/exit_status.json` ({"code", "message"}) during
@@ -107,9 +109,10 @@ def final_error(run_dir, since):
 class FinalError(RuntimeError):
     pass
 
-def no_restart_after_final_errors(run_dir, since, log):
+def no_restart_after_final_errors(run_dir, since, log, say):
     """Before torchrun restarts a worker group, look at exit_status.json: a final error ends the
-    agent instead (its workers are stopped by its shutdown)."""
+    agent instead (its workers are stopped by its shutdown); another error is said once, as the
+    reason for the restart."""
     from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
     restart = getattr(SimpleElasticAgent, "_restart_workers", None)
     if restart is None:  # another torch: watch_final_errors still ends the agent
@@ -119,6 +122,10 @@ def no_restart_after_final_errors(run_dir, since, log):
         if st is not None:
             print(f"exit_status.json: status {st[0]}: stopping without a restart", file=log, flush=True)
             raise FinalError(st[1])
+        st = status_of(run_dir, since)
+        why = f"randlift-train: {st[1]}" if st is not None else "a worker ended or a node joined (agent log)"
+        print(f"randlift_dist: restarting the workers ({self._remaining_restarts} restarts left) after: {why}",
+              file=say, flush=True)
         return restart(self, worker_group)
     SimpleElasticAgent._restart_workers = guarded
 
@@ -161,7 +168,7 @@ def agent(argv):
     threading.Thread(target=watch_final_errors, args=(run_dir, since, done, log), daemon=True).start()
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
-    no_restart_after_final_errors(run_dir, since, log)
+    no_restart_after_final_errors(run_dir, since, log, real_stderr)
     os.environ["RANDLIFT_LAUNCHER_REPORTS"] = "1"  # the workers' exit_status.json is said once, here or by the caller
     sys.argv = ["torchrun", *argv]
     try:

@@ -67,6 +67,7 @@ def _check_recovered(run_dir: Path, out: str, err: str, rc: int, reference: dict
     assert rc == 0, f"launcher exited {rc}:\n{err[-3000:]}"
     assert f"final step {STEPS}" in out, out[-2000:]
     assert f"resumed from {run_dir}/checkpoints/step_" in err, "no restart happened:\n" + err[-3000:]
+    assert err.count("randlift_dist: restarting the workers") == 1, err[-3000:]  # the reason, said once
     assert_curves_match(losses(run_dir), reference, 1e-6)  # the last record of each step
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps == list(range(STEPS + 1)), f"metrics.jsonl steps are not 0..{STEPS} once each: {steps}"
