@@ -56,6 +56,7 @@ class KernelTimers:
 
     def __init__(self):
         self.fwd = self.bwd = 0.0
+        self.by_kind: dict[str, float] = {}  # "<function> d_v x d_u": forward + backward seconds
         self.saved = []
         for name in dir(K):
             cls = getattr(K, name)
@@ -66,20 +67,25 @@ class KernelTimers:
                     setattr(cls, attr, staticmethod(self._timed(orig.__func__, attr)))
 
     def _timed(self, fn, attr):
-        def wrapper(*args):
+        def wrapper(ctx, *args):
+            if attr == "forward":  # args: y, w, ...
+                ctx.bench_kind = f"{type(ctx).__name__.replace('Backward', '')} {args[1].shape[1]}x{args[1].shape[2]}"
             t0 = CLOCK()
             try:
-                return fn(*args)
+                return fn(ctx, *args)
             finally:
                 dt = CLOCK() - t0
                 if attr == "forward":
                     self.fwd += dt
                 else:
                     self.bwd += dt
+                kind = getattr(ctx, "bench_kind", "?")
+                self.by_kind[kind] = self.by_kind.get(kind, 0.0) + dt
         return wrapper
 
     def reset(self):
         self.fwd = self.bwd = 0.0
+        self.by_kind = {}
 
     def restore(self):
         for cls, attr, orig in self.saved:
@@ -88,7 +94,7 @@ class KernelTimers:
 
 # ----------------------------------------------------------------------------- models
 def build_case(name: str, args):
-    """(title, net, in_dim, out_dim): the lifted network of one benchmark case."""
+    """(title, base, net, in_dim, out_dim): the lifted network of one benchmark case."""
     if name == "d16":
         base = BaseGraph.residual_mlp(args.in_dim, args.width, args.depth, 1, activation="relu")
         lift = random_sparse_lift(base, size=args.size, degree=args.degree, seed=0)
@@ -100,7 +106,9 @@ def build_case(name: str, args):
         title = f"MLP of scalar vertices, depth {args.depth}, s = {args.size1}, degree {args.degree1:g} (bernoulli)"
     else:
         raise ValueError(f"case {name!r}: choose d16 or d1")
-    net = LiftedNetwork(base, lift, readout_scale="sqrt", readout_init="normal", seed=0, impl=args.impl)
+    impl = args.impl if name == "d16" else args.impl1
+    net = LiftedNetwork(base, lift, readout_scale="sqrt", readout_init="normal", seed=0, impl=impl)
+    title += f", impl {impl}"
     return title, base, net, base.in_dim, net.out_dim
 
 
@@ -140,7 +148,7 @@ def timed_step(model, opt, x, target, timers: KernelTimers | None):
     t2 = CLOCK()
     opt.step()
     t3 = CLOCK()
-    kern = (timers.fwd, timers.bwd) if timers is not None else (0.0, 0.0)
+    kern = (timers.fwd, timers.bwd, dict(timers.by_kind)) if timers is not None else (0.0, 0.0, {})
     return (t1 - t0, t2 - t1, t3 - t2), kern
 
 
@@ -203,7 +211,7 @@ def run_case(name: str, args) -> None:
     opt = make_adam(net.parameters(), args.adam)
     timers = KernelTimers()
     try:
-        (tf, tb, to), (kf, kb) = best_of(lambda: timed_step(net, opt, x, target, timers), args.repeats)
+        (tf, tb, to), (kf, kb, kinds) = best_of(lambda: timed_step(net, opt, x, target, timers), args.repeats)
     finally:
         timers.restore()
     total = tf + tb + to
@@ -216,6 +224,8 @@ def run_case(name: str, args) -> None:
     rest = total - kf - kb - to
     print(f"  aggregation {(kf + kb) * 1e3:.0f} ms ({100 * (kf + kb) / total:.0f}%: forward {kf * 1e3:.0f}, "
           f"backward {kb * 1e3:.0f}; {gflops(flops, kf + kb):.1f} GFLOP/s in the kernels)")
+    print("    by kernel and block shape d_v x d_u (forward + backward): "
+          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print("  exchange 0 ms (world size 1: nothing to exchange, nothing to hide)")
     print(f"  optimizer (Adam, {args.adam}) {to * 1e3:.0f} ms ({100 * to / total:.0f}%)")
     print(f"  rest (activations, loss, autograd) {rest * 1e3:.0f} ms ({100 * rest / total:.0f}%)")
@@ -257,7 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--degree", type=float, default=16, help="d16 case: average degree")
     p.add_argument("--size1", type=int, default=65536, help="d1 case: lift size s")
     p.add_argument("--degree1", type=float, default=32, help="d1 case: average degree")
-    p.add_argument("--impl", default="auto", help="aggregation kernel (ops.IMPLS)")
+    p.add_argument("--impl", default="auto", help="d16 case: aggregation kernel (ops.IMPLS)")
+    p.add_argument("--impl1", default="auto", help="d1 case: aggregation kernel (ops.IMPLS)")
     p.add_argument("--adam", choices=["fused", "foreach", "loop"], default="fused")
     p.add_argument("--dense-layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)

@@ -92,6 +92,7 @@ def test_matches_reference_float32(name, impl, tiny_chunks, monkeypatch):
     if tiny_chunks:  # chunks of one row (several per degree group), outputs scattered per chunk
         monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
         monkeypatch.setattr(K, "_WS_CACHE_MAX", 16)
+    monkeypatch.setattr(K, "_FUSED_MIN_SCALAR_ELEMS", 0)  # the fused scalar backward at every size
     n_v, n_u, d_v, d_u, B, deg, src = CASES[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, sources=src)
     gz = torch.randn(n_v, d_v, B)
@@ -141,6 +142,7 @@ def test_large_fan_in_and_many_chunks(d, B, fused, monkeypatch):
     (both gradients from one gather) and as two kernels."""
     monkeypatch.setattr(K, "_CHUNK_ELEMS", 16384)
     monkeypatch.setattr(K, "_FUSED_BACKWARD", fused)
+    monkeypatch.setattr(K, "_FUSED_MIN_SCALAR_ELEMS", 0)
     for deg in (np.random.default_rng(3).binomial(150, 0.1, 100), np.full(100, 12)):
         y, w, csr = make_case(100, 150, d, d, B, deg, seed=4)
         gz = torch.randn(100, d, B)

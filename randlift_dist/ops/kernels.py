@@ -28,8 +28,10 @@ _WS_CACHE_MAX = 1 << 23
 # runs the two separate kernels (kept for the small-batch path, single gradients and benchmarks).
 _FUSED_BACKWARD = True
 # The scalar CSR path uses that fused backward from this batch size on (measured at B = 256 only;
-# below, the SpMM + sampled product is kept).
+# below, the SpMM + sampled product is kept), and at d = 1 only for sources of at least this
+# many elements (32 MiB in fp32, an L3 cache: smaller ones are re-read from cache cheaply).
 _FUSED_MIN_BATCH = 16
+_FUSED_MIN_SCALAR_ELEMS = 1 << 23
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -99,8 +101,8 @@ class _ScalarCSR(torch.autograd.Function):
     """d_v = 1 (scalar targets, any d_u): z = A @ Y with A the scalar CSR matrix
     `[n_v, n_u * d_u]` holding the flat weights (`CSR.scalar_expansion`), Y = y as `[n_u*d_u, B]`.
 
-    Backward, both gradients at B >= _FUSED_MIN_BATCH: the blocked kernels' fused backward (one
-    gather of gZ rows serves both). Else: `gY = A^T @ gZ` with the cached transposed structure
+    Backward, both gradients at B >= _FUSED_MIN_BATCH and (d_u > 1 or y too big for a cache):
+    the blocked kernels' fused backward (one gather of gZ rows serves both). Else: `gY = A^T @ gZ` with the cached transposed structure
     (torch's `A.t() @ gZ` converts the matrix on every call and is ~10x slower), and
     `gw = sampled(gZ @ Y^T)` on A's pattern.
     Indices are cached as int32 (MKL's index type). Only y and w are saved. For d_u > 1 this
@@ -123,9 +125,11 @@ class _ScalarCSR(torch.autograd.Function):
         y, w = ctx.saved_tensors
         x = ctx.csr.scalar_expansion(w.shape[2])
         B = y.shape[2]
-        if all(ctx.needs_input_grad[:2]) and B >= _FUSED_MIN_BATCH and _FUSED_BACKWARD:
-            # one gather of gz rows for both gradients (see `_blocked_backward`): 1.2x faster at
-            # d = 1, 2x at d_u = 16 than the transposed SpMM + sampled product (B = 256)
+        if (all(ctx.needs_input_grad[:2]) and _FUSED_BACKWARD and B >= _FUSED_MIN_BATCH
+                and (w.shape[2] > 1 or y.numel() >= _FUSED_MIN_SCALAR_ELEMS)):
+            # one gather of gz rows for both gradients (see `_blocked_backward`), B = 256, 1
+            # thread: 2x faster at d_u = 16; at d = 1 1.2x faster for y of 64 MiB, 1.5-2x
+            # slower for y of 16 MiB or less (in cache, the second gather is cheap)
             return (*_blocked_backward(gz.contiguous(), y, w, ctx.csr), None)
         gz2 = gz.reshape(x.n_rows, B).contiguous()
         gy = gw = None
