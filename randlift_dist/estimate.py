@@ -19,7 +19,8 @@ Persistent terms (held from the first step on):
 - indices (`ops.CSR`): row, col int64 (16 B / edge), indptr (8 B / row); the transposed structure
   (perm, t_row int64: 16 B / edge, t_indptr 8 B / source row) unless the source is an input;
   the blocked kernel's degree groups (order + inv 16 B / row, the edges in group order 8 B / edge,
-  per direction); the CSR kernel's int32 scalar expansion (d_v = 1 on CPU: 12 B / scalar weight).
+  per direction); the CSR kernel's int32 scalar expansion (d_v = 1 on CPU: 12 B / scalar weight)
+  and, where its backward is fused (B >= 16, and d_u > 1 or big sources), transposed groups.
   An exchanging edge has a local and a remote CSR (the remote one over the halo rows).
 - ownership arrays: none for `block` (ranges); `graph` / `random`: owner int32 + position int64.
 - kernel workspaces: on CPU cached per thread, four slots of <= 2^21 values and the sorted output
@@ -86,6 +87,7 @@ CPU_BASELINE = 390 * 2**20
 TORCHRUN_EXTRA = 4 * 2**20  # per rank under torchrun: gloo and the c10d store client (measured: +3 MB)
 CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed, not measured)
 CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = 1 << 21, 1 << 25, 1 << 23  # as in ops/kernels.py
+FUSED_MIN_BATCH, FUSED_MIN_SCALAR = 16, 1 << 23  # ops/kernels.py: when the CSR path's backward is fused
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
 EVAL_CHUNK = 1024  # Engine.sum_squared_error
 MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold: smaller freed blocks stay in the heap
@@ -106,7 +108,8 @@ def _ranges(n: int, L: int, block: int) -> list[int]:
     return [max(0, b[r + 1] - max(b[: r + 1])) for r in range(L)]
 
 
-def _index_bytes(m: float, rows: int, cols: int, d_u: int, kernel: str, small_batch: bool, src_grad: bool) -> float:
+def _index_bytes(m: float, rows: int, cols: int, d_u: int, kernel: str, B: int, small_batch: bool,
+                 src_grad: bool) -> float:
     """CSR + cached kernel structures of one CSR (see the module doc)."""
     if m <= 0:
         return 8 * (rows + 1)
@@ -114,8 +117,10 @@ def _index_bytes(m: float, rows: int, cols: int, d_u: int, kernel: str, small_ba
     transposed = src_grad or kernel == "csr"  # input fibres need no input gradient
     if transposed:
         b += 16 * m + 8 * (cols + 1)  # t_row, perm, t_indptr
-    if kernel == "csr":  # int32 scalar expansion
+    if kernel == "csr":  # int32 scalar expansion; the fused backward's transposed degree groups
         b += 12 * m * d_u + 4 * (rows + 1) + 4 * (cols * d_u + 1)
+        if src_grad and B >= FUSED_MIN_BATCH and (d_u > 1 or cols * d_u * B >= FUSED_MIN_SCALAR):
+            b += 16 * cols + 8 * m
     elif kernel == "blocked":  # degree groups: order + inv per row, the edges in that order
         b += (0 if small_batch else 16 * rows + 8 * m) + (16 * cols + 8 * m if src_grad else 0)
     return b
@@ -220,8 +225,8 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
             halo = st["halo_rows_per_rank"][r]
             ag = modes[e.key] == "allgather"
             cols_rem = L * max(rows[u]) if ag else halo
-            idx += _index_bytes(m_loc, n_v, own_u, d_u, kernel, small, True)
-            idx += _index_bytes(m - m_loc, n_v, cols_rem, d_u, kernel, small, True)
+            idx += _index_bytes(m_loc, n_v, own_u, d_u, kernel, Bm, small, True)
+            idx += _index_bytes(m - m_loc, n_v, cols_rem, d_u, kernel, Bm, small, True)
             sent_rows = (L - 1) * max(rows[u]) if ag else halo  # by symmetry: what peers need from us
             sent += sent_rows * d_u * B * es
             halos.append(cols_rem * d_u * Bm * es)
@@ -231,7 +236,7 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
                    sent_rows * d_u * Bm * es, cols_rem * d_u * Bm * es]
             setup_tmp = m * (s * 4 + 48)
         else:
-            idx += _index_bytes(m, n_v, n_u, d_u, kernel, small, base.vertices[u].role != "input")
+            idx += _index_bytes(m, n_v, n_u, d_u, kernel, Bm, small, base.vertices[u].role != "input")
             setup_tmp = 0.0
         if kernel == "csr":  # transposed values, the sampled pattern's zeros and values, index copies
             tmp += [m * d_u * es] * 3 + [m * d_u * 4]
