@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if Path(cfg.run.dir, "exit_status.json").exists() and rank == 0:
         Path(cfg.run.dir, "exit_status.json").unlink()
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
-    layout = Layout.create(cfg.parallel.lift_parallel, backend, timeout_s=cfg.parallel.setup_timeout_s,
-                           need_group=cfg.parallel.engine == "deepspeed")
-    trainer = None
+    layout = trainer = None
     try:
+        layout = Layout.create(cfg.parallel.lift_parallel, backend, timeout_s=cfg.parallel.setup_timeout_s,
+                               need_group=cfg.parallel.engine == "deepspeed")
         trainer = Trainer(cfg, layout)
         result = trainer.fit()
     except RunFinished as done:
@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = (f"final step {result['step']}: loss {result['loss']:.6g}" if "loss" in result else
                f"final step {result['step']}") + \
               (f", test_loss {result['test_loss']:.6g}" if "test_loss" in result else "")
+    me = layout.rank if layout is not None else rank
     if code == EXIT_OK:
-        if layout.rank == 0:
+        if me == 0:
             print(msg if msg.startswith("final") else f"randlift-train: {msg}", flush=True)
     else:
-        if _should_print(code, layout.rank):
-            print(f"randlift-train: rank {layout.rank}: {msg}", file=sys.stderr, flush=True)
-        _write_status(cfg, layout.rank, code, msg)
+        if _should_print(code, me):
+            print(f"randlift-train: rank {me}: {msg}", file=sys.stderr, flush=True)
+        _write_status(cfg, me, code, msg)
     if dist.is_initialized():
         if code == EXIT_OK:
             dist.barrier()

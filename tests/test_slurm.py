@@ -447,7 +447,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster):
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     cluster.wait(job, 90, until=lambda js: js and js[0].get("Restarts") == "1"
                  and js[0]["JobState"] in ("PENDING", "RUNNING"))
-    stopped = int(re.search(r"stopping at step (\d+) \(signal 15\)", log.read_text()).group(1))
+    stopped = int(re.search(r"stopping at step (\d+) \(signal (?:15|SIGTERM)\)", log.read_text()).group(1))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}", log.read_text()
     assert f"requeueing {job}" in log.read_text()
     requeued_at = time.monotonic()
