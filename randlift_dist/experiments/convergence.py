@@ -272,6 +272,10 @@ def run_cell(plan: dict[str, Any], cell: dict[str, Any], threads: int) -> int:
     result = {"id": cell["id"], "kind": cell["kind"], "law": cell["law"], "degree": cell["degree"],
               "size": cell["size"], "seed": cell["seed"], "train_s": round(time.time() - t0, 3)}
     result.update(analyse(run_dir, plan["experiment"]["eps"]))
+    if result["step"] != result["steps"]:  # stopped early (a signal): not a finished cell
+        print(f"cell {cell['id']}: the trainer stopped at step {result['step']} of {result['steps']}; "
+              "rerun the experiment to redo this cell", file=sys.stderr)
+        return 3
     result["wall_s"] = round(time.time() - t0, 3)
     result["fingerprint"] = cell["fingerprint"]
     _atomic_write(run_dir / "result.json", json.dumps(result, indent=1))
