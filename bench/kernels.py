@@ -79,6 +79,43 @@ What was tried (measured on this VM; numbers are 1 or 2 threads as noted):
   (1 thread). Every large activation on this VM pays that, kernels or not.
 - Not tried: anything compiled (Triton, C++, torch.compile): out of scope for this pass.
 
+Second pass (the training step, `bench/step.py`). Hardware: AMD EPYC (family 26 model 2,
+AVX-512), KVM guest, 2 cores, 24 GiB; MKL's dense GEMM 100 GFLOP/s on one thread. The VM was
+busy throughout (load average 3-14), so these are `--clock thread` (1 thread, CPU time), min
+over interleaved runs, THP_MEM_ALLOC_ENABLE=1. Old = commit 30248be, new = this one:
+
+  case (1 thread, B = 256, bernoulli)          old fwd / bwd        new fwd / bwd
+  d = 16, k = 16, n = 8192 (load 3.0)          405 / 772 ms         384 / 632 ms (1.16x)
+  d = 16, k = 16, n = 8192, fixed degree       363 / 737 ms         376 / 646 ms (1.08x)
+  d = 1, k = 32, n = 65536 (load 3.1)          256 / 499 ms         255 / 380 ms (1.19x)
+  default run, d = 16, n = 2048 (load 9)       115 / 351 ms (f+b)   91 / 247 ms (f+b) (1.4x)
+  default run, d = 1, k = 32, n = 32768        118 / 339 ms (f+b)   122 / 308 ms (f+b)
+
+What changed, and what was measured on the way (1 thread unless noted):
+- Fused backward (`_blocked_backward`): both gradients from ONE gather of output-gradient
+  rows per chunk of sources (the weight gradient uses the sources' own rows, in place), so the
+  source rows are not gathered a second time; the per-edge gradient blocks are written with
+  one `index_copy_` per chunk (B / d_v times fewer bytes than the saved gather). Backward 1.2x
+  (low load) to 1.4x (load 14) faster at d = 16. The scalar CSR path's backward uses it for
+  vector sources (d_u = 16: 123 vs 244 ms at n = 8192) and for scalar sources of >= 32 MiB
+  (d = 1, n = 65536: 1.2x faster); for sources that fit a cache (16 MiB) it was 1.5-2x slower
+  than the transposed SpMM + `sampled_addmm` (the second gather is then cheap), which are kept.
+- Per-group edge lists cached on the CSR (`DegreeGroups.edges`): a chunk's edges are a slice,
+  not recomputed from the row pointer per chunk.
+- Chunks of 2**19 elements (2 MiB, one core's L2 on this CPU is 1 MiB) instead of 2**21: 2**16
+  to 2**21 gave fwd 800 / 720 / 604 / 554 / 573 / 642 ms (load 14).
+- Weight blocks of non-contiguous groups gathered whole and then transposed in one strided copy
+  instead of gathering d_u-element rows: 24 vs 34 ms per 131072 16x16 blocks.
+- Tried, no gain: a degree-sorted output buffer + one final gather instead of per-chunk
+  `index_copy_` (375 vs 389 ms forward, noise); skipping the weight rearrangement altogether
+  (366 ms: an upper bound of what it costs). The forward (375-390 ms at d = 16) sits at its
+  floor: gather 123 ms (17 GB/s) + in-cache batched GEMM 220 ms (78 GFLOP/s), serial.
+- The blocked kernel now beats the scalar CSR forward at d_v = 1, d_u = 16 on this CPU (191 vs
+  318 ms at n = 8192, load 14); within the training step the difference was small (843 vs 879
+  ms forward+backward, the backward being shared).
+- Environment: THP_MEM_ALLOC_ENABLE=1 makes fresh big tensors cheap (relu of a 134 MB tensor
+  11 vs 58 ms; layer forward 491 vs 595 ms at load 12); `bench/step.py` sets it by default.
+
 Counting. FLOPs: 2 * m * d_v * d_u * B forward, twice that for the backward (input and weight
 gradients), so forward+backward counts 3x. Bytes (a lower bound, fp32): forward reads the
 gathered source rows (m * d_u * B), the weights (m * d_v * d_u) and writes z (n_v * d_v * B);

@@ -19,7 +19,50 @@ by chunk), three passes (forward, input gradient, weight gradient), and the step
 FLOPs: 2 * B * (edge parameters) forward, twice that backward (input and weight gradients), for
 the lift and the dense MLP alike (biases, activations and readout ignored: < 1%).
 
-RESULTS: see the end of this docstring (filled in from measured runs).
+RESULTS. Hardware: AMD EPYC (family 26 model 2, AVX-512), KVM guest, 2 cores, 24 GiB; torch
+2.13.0+cpu (MKL), fp32, B = 256. The VM was shared with other jobs the whole time (1-minute load
+average 3 to 14, never below 0.7): wall-clock timings with 2 threads were meaningless (OpenMP
+threads waiting on each other: a 2-thread layer ran 14x slower than 1 thread at load 7), so the
+numbers below are `--clock thread` (CPU time of the only thread, 1 torch thread), min over
+repeats, and still +-10% (memory bandwidth and caches are shared). Before = the kernels of
+commit 30248be, after = this commit, interleaved (before, after, before, after) at load 3.1-3.3,
+THP_MEM_ALLOC_ENABLE=1 in both:
+
+  case (1 thread)                     before                  after
+  d16 step (176.5M params)            8230 ms, 32.9 GFLOP/s   6959 ms, 39.0 GFLOP/s (1.18x)
+    forward / backward                2724 / 5488 ms          2733 / 4140 ms
+    kernels 16x16 / 1x16 (fwd+bwd)    6437 / 1056 ms          5837 / 843 ms
+  d16 dense MLP step (same run)       2629-2805 ms: 96-102 GFLOP/s (98-105 without Adam)
+  d16 step, lift / dense FLOP rate    0.31-0.33               0.38-0.41
+  d1 step (8.5M params, 8.45M edges)  2939 ms                 2599 ms (1.13x)
+  d1 gather floor (3 passes)          2080-2157 ms (12 GB/s gathered)
+  d1 step / gather floor              1.38-1.41               1.23-1.26
+  Adam (fused), d16 / d1              ~85 / 4 ms              same
+  exchange                            0 (world size 1)
+
+Without THP_MEM_ALLOC_ENABLE (after, d16, load 3.6): 7916 ms, the `rest` (activations, ReLU,
+sums of 134 MB tensors) ~0.8 s instead of ~0.2-0.7 s: a fresh [8192, 16, 256] tensor costs
+~50 ms of page faults with 4 KiB pages, ~10 ms with huge pages (measured: relu 58 vs 11 ms).
+
+Prediction (per 16x16 base edge, s = 8192, m = 131072 edges, 1 thread). Forward: 17.2 GFLOP and
+one gather of m * d * B * 4 = 2.15 GB of source rows. Measured alone in this run: the gather
+(`index_select` into a cache-sized buffer) 123 ms (17 GB/s), the batched GEMM on in-cache chunks
+220 ms (78 GFLOP/s; MKL's dense GEMM: 100 GFLOP/s), both serial: 340-370 ms. The forward kernel
+takes 375-390 ms: at that floor. Backward: 34.4 GFLOP; separate kernels gather twice (2.15 GB of
+output-gradient rows for the input gradient, 2.15 GB of source rows for the weight gradient):
+~250 ms + 440 ms of GEMM; fused, one gather: ~560 ms predicted, 630-650 ms measured (old:
+740-770 ms). A layer's forward+backward is then ~1.0 s for 51.6 GFLOP, ~51 GFLOP/s, half of the
+dense rate; the step adds the 1x16 output edges (a full 2.15 GB gather each for 1/16 of the
+FLOPs), activations and Adam: ~0.4 of dense. d = 1: nothing to compute, three gathers of [B] rows
+per edge; the forward is MKL's SpMM (1.0 s for 4 layers, 1.4x one gather pass), the fused
+backward gathers once for both gradients (1.5 s for what the floor counts as two passes).
+
+Targets: d = 16 at >= 30% of the dense step's FLOP rate: met at 1 thread (0.38-0.41, before
+0.31-0.33); NOT measured with 2 threads (see above). d = 1 within 2x of the gather floor: met
+(1.23-1.26; before 1.38-1.41 on this machine). What bounds the d = 16 step: the gathers (each
+gathered byte feeds only 2 * d_v = 32 FLOP) and the GEMM shape (16 rows per product, 78% of
+MKL's dense rate), executed one after the other on each core; overlapping them (one core
+gathering the next chunk while the other multiplies) is the next step.
 """
 
 from __future__ import annotations

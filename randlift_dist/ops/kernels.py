@@ -1,6 +1,15 @@
 """Aggregation implementations: reference, scalar CSR SpMM, degree-grouped blocked gather-matmul.
 
-See the package doc (`ops/__init__.py`) for the algorithms and `bench/kernels.py` for measurements.
+See the package doc (`ops/__init__.py`) for the algorithms and `bench/kernels.py` /
+`bench/step.py` for measurements. Backward, when both gradients are wanted (training):
+`_blocked_backward` walks the sources grouped by out-degree and gathers the output-gradient rows
+of their edges ONCE per chunk `[c, k*d_v, B]`; that chunk gives the input gradient (times the
+sources' weight blocks) and the weight gradient (times the sources' own rows, read in place or
+gathered c rows at a time), written to edge order with one `index_copy_` per chunk. It moves a
+third fewer gathered bytes per training step than separate input- and weight-gradient kernels
+(those are kept for single gradients and small batches). The scalar CSR path uses it too where it
+wins (vector sources, or scalar sources too big for a cache). Every path is deterministic: no
+atomics, no `index_add_`; every output element is written by exactly one chunk.
 """
 
 from __future__ import annotations
