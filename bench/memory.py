@@ -1,6 +1,7 @@
 """Peak memory of real training runs, measured from outside, against `randlift_dist.estimate`.
 
-`python bench/memory.py [--cases NAME,...] [--steps N] [--list] [--json FILE]`
+`python bench/memory.py [--cases NAME,...] [--steps N] [--list] [--json FILE]`, or
+`python bench/memory.py --config FILE --nproc N` (a config file as it is, e.g. configs/cpu_500m.yaml)
 
 Each case is a config (written to a temporary directory) trained through the real CLI:
 `python -m randlift_dist.train --config F` for one rank, `torchrun --standalone --nproc_per_node
@@ -91,11 +92,18 @@ def _is_rank(pid: int) -> bool:
     return b"randlift_dist.train" in cmd and b"torch.distributed.run" not in cmd
 
 
-def run_case(name: str, steps: int, workdir: Path) -> dict:
-    ranks = CASES[name][3]
+def run_case(name: str, steps: int, workdir: Path, config: str | None = None, ranks: int = 1) -> dict:
+    """Train one case (or the config file `config` on `ranks` ranks) and measure it."""
     cfg_path = workdir / f"{name}.yaml"
     run_dir = workdir / f"run_{name}"
-    cfg_path.write_text(yaml.safe_dump(case_config(name, steps, str(run_dir))))
+    if config is None:
+        ranks = CASES[name][3]
+        cfg_path.write_text(yaml.safe_dump(case_config(name, steps, str(run_dir))))
+    else:
+        data = yaml.safe_load(Path(config).read_text())
+        data.setdefault("run", {})["dir"] = str(run_dir)
+        data.setdefault("checkpoint", {})["keep"] = 1
+        cfg_path.write_text(yaml.safe_dump(data))
     train = ["-m", "randlift_dist.train", "--config", str(cfg_path)]
     cmd = [sys.executable] + (train if ranks == 1 else
                               ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + train)
@@ -114,7 +122,8 @@ def run_case(name: str, steps: int, workdir: Path) -> dict:
     if proc.returncode:
         raise RuntimeError(f"case {name} failed (exit {proc.returncode}):\n{log[-3000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps_t = [1 / r["samples_per_s"] * CASES[name][4] for r in recs if r.get("samples_per_s")]
+    batch = load_config(str(cfg_path)).train.batch_size
+    steps_t = [1 / r["samples_per_s"] * batch for r in recs if r.get("samples_per_s")]
     losses = [r["loss"] for r in recs if "loss" in r]
     est = estimate(load_config(str(cfg_path)), ranks)
     measured = sorted(peaks.values(), reverse=True)
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--config", default=None, help="measure this config file instead of the cases")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks for --config (parallel.lift_parallel must fit)")
     args = ap.parse_args(argv)
     if args.list:
         for k, (_, s, deg, p, b) in CASES.items():
@@ -145,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{'B/param':>9}{'step s':>8}")
     results = []
     with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
-        for name in args.cases.split(","):
-            r = run_case(name, args.steps, Path(tmp))
+        names = [Path(args.config).stem] if args.config else args.cases.split(",")
+        for name in names:
+            r = run_case(name, args.steps, Path(tmp), args.config, args.nproc)
             results.append(r)
             meas = "/".join(f"{m / MB:.0f}" for m in r["measured"])
             print(f"{name:<13}{r['params']:>12,.0f}{r['predicted'] / MB:>10.0f}{r['phase']:>10}{meas:>22}"
                   f"{r['ratio']:>7.3f}{r['measured'][0] / r['params_per_rank']:>9.1f}{r['step_s']:>8.2f}", flush=True)
+            print(f"  loss {r['loss_first']:.4g} -> {r['loss_last']:.4g}; load average {os.getloadavg()[0]:.2f}", flush=True)
     by = {r["case"]: r for r in results}
     for a, b in (("r16_10m", "r16_50m"), ("r16_50m", "r16_200m"), ("s1_10m", "s1_40m"), ("s1_40m", "s1_100m")):
         if a in by and b in by:

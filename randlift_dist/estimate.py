@@ -23,8 +23,8 @@ Persistent terms (held from the first step on):
   and, where its backward is fused (B >= 16, and d_u > 1 or big sources), transposed groups.
   An exchanging edge has a local and a remote CSR (the remote one over the halo rows).
 - ownership arrays: none for `block` (ranges); `graph` / `random`: owner int32 + position int64.
-- kernel workspaces: on CPU cached per thread, four slots of <= 2^21 values and the sorted output
-  of <= 2^23 (`ops/kernels.py`); on GPUs allocated per call (2^25 values per slot), a transient.
+- kernel workspaces: on CPU cached per thread, four slots of at most a chunk of values and the
+  sorted output (`ops/kernels.py`'s sizes); on GPUs allocated per call, a transient.
 - data (train + test arrays, fp32, host); baseline: the Python + torch process (measured on CPU,
   `CPU_BASELINE`), or the CUDA context + NCCL buffers on a GPU (assumed 1 GiB, not measured).
 
@@ -79,6 +79,7 @@ from typing import Any
 
 from .plan import choose_mode
 from .config import Config, ConfigError, load_config
+from .ops import kernels as _kernels
 
 GiB = 2**30
 # Resident memory of one training process before the model (Python, torch, numpy, the trainer's
@@ -86,8 +87,9 @@ GiB = 2**30
 CPU_BASELINE = 390 * 2**20
 TORCHRUN_EXTRA = 4 * 2**20  # per rank under torchrun: gloo and the c10d store client (measured: +3 MB)
 CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed, not measured)
-CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = 1 << 21, 1 << 25, 1 << 23  # as in ops/kernels.py
-FUSED_MIN_BATCH, FUSED_MIN_SCALAR = 16, 1 << 23  # ops/kernels.py: when the CSR path's backward is fused
+# the kernels' chunk and workspace sizes, and when the CSR path's backward is fused
+CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = _kernels._CHUNK_ELEMS, _kernels._CHUNK_ELEMS_ACCEL, _kernels._WS_CACHE_MAX
+FUSED_MIN_BATCH, FUSED_MIN_SCALAR = _kernels._FUSED_MIN_BATCH, _kernels._FUSED_MIN_SCALAR_ELEMS
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
 EVAL_CHUNK = 1024  # Engine.sum_squared_error
 MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold: smaller freed blocks stay in the heap
@@ -257,7 +259,7 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
         shard = sum(12 * lift.n(v) for v in base.vertices if base.vertices[v].role != "input")
     d = cfg.data
     data = (d.n_train + d.n_test) * (base.in_dim + out_dim) * 4 if cpu else 0.0  # host memory on GPUs
-    # ---- kernel workspaces: cached on CPU (4 slots <= 2^21 values, the sorted output <= 2^23)
+    # ---- kernel workspaces: cached on CPU (4 slots of at most a chunk, the sorted output)
     chunk = CHUNK_CPU if cpu else CHUNK_GPU
     slots = 4 * min(chunk, ws_slots) + (min(WS_CACHE_MAX, ws_out) if cpu else 0)
     ws, ws_tmp = (slots * es, 0.0) if cpu else (0.0, slots * es)
