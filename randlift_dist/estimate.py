@@ -179,7 +179,7 @@ def estimate(cfg: Config, world_size: int | None = None, device: str | None = No
            "bytes_per_param": worst["peak_bytes_per_rank"] / max(worst["params"], 1),
            "exchange_bytes_forward_per_step": worst["sent"], "exchange_bytes_backward_per_step": worst["sent"],
            "world_size": P, "lift_parallel": L, "data_parallel": D, "batch_per_replica": B,
-           "micro_batch": getattr(tr, "micro_batch_size", None) or B, "device": device,
+           "micro_batch": tr.micro_batch_size or B, "device": device,
            "engine": par.engine, "precision": "bf16" if bf16 else f"fp{es * 8}", "zero_stage": par.zero_stage,
            "phases": worst["phases"], "edges": edges_out, "parts": list(PARTS)}
     return out
@@ -195,7 +195,7 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     par, tr = cfg.parallel, cfg.train
     ds = par.engine == "deepspeed"
     cpu = device == "cpu"
-    Bm = getattr(tr, "micro_batch_size", None) or B  # activations live for one micro-batch
+    Bm = tr.micro_batch_size or B  # activations live for one micro-batch
     moments = {"adam": 2, "adamw": 2, "sgd": 1 if tr.momentum > 0 else 0}[tr.optimizer]
     tensors = [rows[v][r] * base.dim(v) for v in base.vertices if base.vertices[v].bias]
     tensors += [rows[t][r] * out_dim * base.dim(t) for t in base.outputs]
