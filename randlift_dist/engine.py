@@ -44,12 +44,14 @@ def lr_factor(cfg: Config, step: int) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer of `train.optimizer`; `fused` Adam updates in one kernel per parameter
+    (no per-step temporaries the size of the parameters)."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
 
 
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -83,9 +85,17 @@ def set_torch_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, mom
         st["step"] = torch.tensor(float(step))
 
 
+def _sum_squares(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Sum of squares in float64, a chunk at a time (no float64 copy of a whole gradient)."""
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for c in g.reshape(-1).split(chunk):
+        total += c.double().square().sum()
+    return total
+
+
 def grad_norm(grads: list[torch.Tensor], layout: Layout) -> float:
     """Global L2 norm of sharded gradients: each shard's sum of squares, summed over the lift group."""
-    sq = torch.stack([g.double().pow(2).sum() for g in grads if g is not None]).sum().reshape(1)
+    sq = torch.stack([_sum_squares(g) for g in grads if g is not None]).sum().reshape(1)
     return float(_all_reduce(sq, layout.lift_group).sqrt())
 
 
@@ -156,10 +166,10 @@ class Engine:
     @torch.no_grad()
     def sum_squared_error(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Sum over these rows of the squared error (mean over outputs); collective over the lift group."""
-        total = 0.0
-        for i in range(0, x.shape[0], 1024):
-            out = self.forward(x[i:i + 1024]).float()
-            total += float(((out - y[i:i + 1024].to(out.device)) ** 2).mean(1).sum())
+        total, step = 0.0, self.cfg.train.micro_batch_size or 1024  # no more activations than training
+        for i in range(0, x.shape[0], step):
+            out = self.forward(x[i:i + step]).float()
+            total += float(((out - y[i:i + step].to(out.device)) ** 2).mean(1).sum())
         return total
 
     def replica_mean(self, value: float) -> float:
@@ -180,7 +190,7 @@ class TorchEngine(Engine):
     def __init__(self, net, cfg: Config, layout: Layout):
         super().__init__(net, cfg, layout)
         self.params = [p for p in net.parameters()]
-        self.optimizer = make_optimizer(cfg, self.params)
+        self.optimizer = make_optimizer(cfg, self.params, fused=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, skip_nonfinite: bool = False) -> dict[str, float]:
         lr = self.lr()
