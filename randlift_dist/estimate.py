@@ -36,11 +36,11 @@ Phases (the tensors alive on top of the persistent terms):
   is added to `.grad` (x 2 plus a slice for a split local / remote weight: each slice's backward
   gives a full-size zero-filled gradient) and the halo's gradient buffers; the CSR kernel's
   backward copies (3 value arrays and an index array per scalar weight).
-- optimizer: torch engine on CPU: the gradient norm's float64 copy and square of the largest
-  gradient (2 x 8 B / value); with D > 1 the flat all-reduce buffer (4 B / param). Torch's
-  foreach Adam on GPUs: a sqrt of every moment (4 B / param). DeepSpeed: the step's fp32
+- optimizer: torch engine on CPU: the gradient norm's float64 copy and square of one chunk of
+  2**20 values (2 x 8 MiB; fused Adam needs no temporaries); with D > 1 the flat all-reduce
+  buffer (4 B / param). Torch's foreach Adam on GPUs: a sqrt of every moment (4 B / param). DeepSpeed: the step's fp32
   gradient partition and that sqrt (4 B each / param / D; none with offload).
-- eval: the `no_grad` test forward in chunks of min(1024, n_test / D) (every vertex's output is
+- eval: the `no_grad` test forward in chunks of min(micro-batch or 1024, n_test / D) (every vertex's output is
   kept until the readout) and the largest halo at that batch.
 - checkpoint (the run's last step at least): int64 row keys (8 B / row, and the edge index of the
   largest edge while it is derived); rows not in key order (exchanging edges hold local rows
@@ -77,8 +77,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .plan import choose_mode
 from .config import Config, ConfigError, load_config
+from .plan import choose_mode
+from .planstats import format_bytes
 from .ops import kernels as _kernels
 
 GiB = 2**30
@@ -91,7 +92,8 @@ CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed
 CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = _kernels._CHUNK_ELEMS, _kernels._CHUNK_ELEMS_ACCEL, _kernels._WS_CACHE_MAX
 FUSED_MIN_BATCH, FUSED_MIN_SCALAR = _kernels._FUSED_MIN_BATCH, _kernels._FUSED_MIN_SCALAR_ELEMS
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
-EVAL_CHUNK = 1024  # Engine.sum_squared_error
+EVAL_CHUNK = 1024  # Engine.sum_squared_error without micro-batches
+NORM_CHUNK = 1 << 20  # values per float64 chunk of engine.grad_norm
 MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold: smaller freed blocks stay in the heap
 PARTS = ("baseline", "weights", "gradients", "optimizer_state", "master_weights", "indices", "shard_arrays",
          "workspaces", "data", "allocator_kept", "transient")
@@ -289,11 +291,11 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     backward = acts + halos + [act_max] * 3 + max(bwd_tmp, key=sum, default=[]) + [ws_tmp]
     if ds:  # the step's fp32 gradient partition and torch's foreach sqrt of the second moments
         optimizer = [] if par.offload_optimizer else [4 * N / shard_os] * (2 if master else 1)
-    elif cpu:  # the gradient norm's float64 copy and square of each gradient, one at a time
-        optimizer = [8 * max(tensors)] * 2 + ([4 * N] if D > 1 else [])
+    elif cpu:  # the gradient norm's float64 copy and square of one chunk; fused Adam: no temporaries
+        optimizer = [8 * min(max(tensors), NORM_CHUNK)] * 2 + ([4 * N] if D > 1 else [])
     else:  # torch's foreach Adam: a sqrt of every second moment
         optimizer = [4 * N] + ([4 * N] if D > 1 else [])
-    B_eval = min(EVAL_CHUNK, max(1, d.n_test // D)) if d.n_test else 0
+    B_eval = min(cfg.train.micro_batch_size or EVAL_CHUNK, max(1, d.n_test // D)) if d.n_test else 0
     evaluation = [rows[v][r] * base.dim(v) * B_eval * es for v in base.vertices
                   if base.vertices[v].role != "input"] + [ws_tmp, halo_row_bytes * B_eval]
     # checkpoint: every parameter's int64 row keys; rows not in key order (an exchanging edge's local
@@ -331,11 +333,7 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
 
 
 def _fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return format_bytes(n, 2)
 
 
 def format_table(est: dict[str, Any]) -> str:

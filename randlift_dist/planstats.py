@@ -163,10 +163,11 @@ def plan_statistics(lift: Lift, world_size: int, strategy: str = "block", exchan
 
 
 # ---------------------------------------------------------------- report
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float, digits: int = 1) -> str:
+    """`n` bytes in B, KiB, MiB, GiB or TiB (whole bytes, `digits` decimals above)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     return str(n)
 
@@ -190,9 +191,9 @@ def format_table(stats: dict[str, Any]) -> str:
             f"{k}:{v}" for k, v in stats["total"]["modes"].items()))]:
         vpr, epr, b = s["vertices_per_rank"], s["edges_per_rank"], s["bytes_per_sample"]
         rows.append((s["edge"], s["mode"], f"{vpr['mean']:.0f}/{vpr['max']}", f"{epr['mean']:.0f}/{epr['max']}",
-                     f"{100 * s['cut_fraction']:.1f}%", str(s["halo_rows"]), _fmt_bytes(b["sum"]),
-                     _fmt_bytes(b["max_rank"]), _fmt_bytes(s["lower_bound_bytes"]),
-                     _fmt_bytes(s["allgather_bytes"]), _ratio(b["sum"], s["lower_bound_bytes"])))
+                     f"{100 * s['cut_fraction']:.1f}%", str(s["halo_rows"]), format_bytes(b["sum"]),
+                     format_bytes(b["max_rank"]), format_bytes(s["lower_bound_bytes"]),
+                     format_bytes(s["allgather_bytes"]), _ratio(b["sum"], s["lower_bound_bytes"])))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines += [fmt(head), "  ".join("-" * w for w in widths)]
