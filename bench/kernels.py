@@ -84,6 +84,11 @@ AVX-512), KVM guest, 2 cores, 24 GiB; MKL's dense GEMM 100 GFLOP/s on one thread
 busy throughout (load average 3-14), so these are `--clock thread` (1 thread, CPU time), min
 over interleaved runs, THP_MEM_ALLOC_ENABLE=1. Old = commit 30248be, new = this one:
 
+  2 threads, wall, load 1.4-1.6, 2**21 chunks:
+  d = 16, k = 16, n = 8192, fused / separate   -                    199-204 / 332 vs 395 ms
+  d_v = 1, d_u = 16, n = 8192, fused / SpMM    -                    153 / 53-58 vs 105 ms
+  d = 1, k = 32, n = 65536, fused / SpMM       -                    bwd 229 vs 253 ms
+
   case (1 thread, B = 256, bernoulli)          old fwd / bwd        new fwd / bwd
   d = 16, k = 16, n = 8192 (load 3.0)          405 / 772 ms         384 / 632 ms (1.16x)
   d = 16, k = 16, n = 8192, fixed degree       363 / 737 ms         376 / 646 ms (1.08x)
@@ -102,8 +107,10 @@ What changed, and what was measured on the way (1 thread unless noted):
   than the transposed SpMM + `sampled_addmm` (the second gather is then cheap), which are kept.
 - Per-group edge lists cached on the CSR (`DegreeGroups.edges`): a chunk's edges are a slice,
   not recomputed from the row pointer per chunk.
-- Chunks of 2**19 elements (2 MiB, one core's L2 on this CPU is 1 MiB) instead of 2**21: 2**16
-  to 2**21 gave fwd 800 / 720 / 604 / 554 / 573 / 642 ms (load 14).
+- Chunk size: at 1 thread 2**16 to 2**21 elements gave fwd 800 / 720 / 604 / 554 / 573 / 642 ms
+  (load 14), but at 2 threads (wall, load 1.4) 2**19 / 2**20 / 2**21 / 2**22 gave fused
+  backward 753 / 349 / 333 / 350 ms and fwd 268 / 218 / 204 / 213 ms: 2**21 is kept. The
+  1-thread rows of the table above ran at 2**19.
 - Weight blocks of non-contiguous groups gathered whole and then transposed in one strided copy
   instead of gathering d_u-element rows: 24 vs 34 ms per 131072 16x16 blocks.
 - Tried, no gain: a degree-sorted output buffer + one final gather instead of per-chunk

@@ -20,25 +20,41 @@ FLOPs: 2 * B * (edge parameters) forward, twice that backward (input and weight 
 the lift and the dense MLP alike (biases, activations and readout ignored: < 1%).
 
 RESULTS. Hardware: AMD EPYC (family 26 model 2, AVX-512), KVM guest, 2 cores, 24 GiB; torch
-2.13.0+cpu (MKL), fp32, B = 256. The VM was shared with other jobs the whole time (1-minute load
-average 3 to 14, never below 0.7): wall-clock timings with 2 threads were meaningless (OpenMP
-threads waiting on each other: a 2-thread layer ran 14x slower than 1 thread at load 7), so the
-numbers below are `--clock thread` (CPU time of the only thread, 1 torch thread), min over
-repeats, and still +-10% (memory bandwidth and caches are shared). Before = the kernels of
-commit 30248be, after = this commit, interleaved (before, after, before, after) at load 3.1-3.3,
-THP_MEM_ALLOC_ENABLE=1 in both:
+2.13.0+cpu (MKL), fp32, B = 256, THP_MEM_ALLOC_ENABLE=1. The VM was shared with other jobs the
+whole time; the load average never stayed below 0.7. Before = the kernels of commit 30248be,
+after = this commit, run one after the other.
+
+2 torch threads, wall clock, min of 3 steps, load average 1.2-2.8 (so +-10%; the dense step
+swung from 200 to 133 GFLOP/s in one run when the load rose):
+
+  case (2 threads)                    before                  after
+  d16 step (176.5M params)            4815-5179 ms            4260-4558 ms (1.1-1.2x)
+    forward / backward                1814-1988 / 2927-3098   1511-1853 / 2601-2662 ms
+    kernels 16x16 / 1x16 (fwd+bwd)    3309-3607 / 533-561 ms  3280-3571 / 410-451 ms
+    rest (activations, loss, ...)     898-918 ms              152-764 ms
+  dense MLP step (same runs)          1270-1346 ms: 199-211 GFLOP/s (206-224 without Adam)
+  d16 step, lift / dense FLOP rate    0.24-0.27               0.29-0.32
+  d16 step with impl=blocked          -                       4329 ms (1x16 kernels 312 ms)
+  d1 step (8.5M params, 8.45M edges)  1531-1546 ms            1442 ms
+  d1 gather floor (3 passes)          1081-1090 ms (24 GB/s gathered)
+  d1 step / gather floor              1.40-1.42               1.33
+  Adam (fused), d16 / d1              44-104 / 4 ms           same
+  exchange                            0 (world size 1)
+
+1 torch thread, `--clock thread` (CPU time of the only thread), interleaved before/after at
+load 3.1-3.3 (the load was 3 to 14 for most of this work, when 2-thread wall timings were
+meaningless: OpenMP threads waiting on each other, a 2-thread layer 14x slower than 1 thread).
+These were taken with 2 MiB chunks (`_CHUNK_ELEMS` = 2**19, best at 1 thread, ~10% better than
+the 8 MiB now in place, which is best at 2 threads):
 
   case (1 thread)                     before                  after
-  d16 step (176.5M params)            8230 ms, 32.9 GFLOP/s   6959 ms, 39.0 GFLOP/s (1.18x)
+  d16 step                            8230 ms, 32.9 GFLOP/s   6959 ms, 39.0 GFLOP/s (1.18x)
     forward / backward                2724 / 5488 ms          2733 / 4140 ms
     kernels 16x16 / 1x16 (fwd+bwd)    6437 / 1056 ms          5837 / 843 ms
-  d16 dense MLP step (same run)       2629-2805 ms: 96-102 GFLOP/s (98-105 without Adam)
+  dense MLP step                      2629-2805 ms: 96-102 GFLOP/s
   d16 step, lift / dense FLOP rate    0.31-0.33               0.38-0.41
-  d1 step (8.5M params, 8.45M edges)  2939 ms                 2599 ms (1.13x)
-  d1 gather floor (3 passes)          2080-2157 ms (12 GB/s gathered)
+  d1 step                             2939 ms                 2599 ms (1.13x)
   d1 step / gather floor              1.38-1.41               1.23-1.26
-  Adam (fused), d16 / d1              ~85 / 4 ms              same
-  exchange                            0 (world size 1)
 
 Without THP_MEM_ALLOC_ENABLE (after, d16, load 3.6): 7916 ms, the `rest` (activations, ReLU,
 sums of 134 MB tensors) ~0.8 s instead of ~0.2-0.7 s: a fresh [8192, 16, 256] tensor costs
@@ -57,12 +73,16 @@ FLOPs), activations and Adam: ~0.4 of dense. d = 1: nothing to compute, three ga
 per edge; the forward is MKL's SpMM (1.0 s for 4 layers, 1.4x one gather pass), the fused
 backward gathers once for both gradients (1.5 s for what the floor counts as two passes).
 
-Targets: d = 16 at >= 30% of the dense step's FLOP rate: met at 1 thread (0.38-0.41, before
-0.31-0.33); NOT measured with 2 threads (see above). d = 1 within 2x of the gather floor: met
-(1.23-1.26; before 1.38-1.41 on this machine). What bounds the d = 16 step: the gathers (each
-gathered byte feeds only 2 * d_v = 32 FLOP) and the GEMM shape (16 rows per product, 78% of
-MKL's dense rate), executed one after the other on each core; overlapping them (one core
-gathering the next chunk while the other multiplies) is the next step.
+Targets. d = 16 at >= 30% of the dense step's FLOP rate: with 2 threads 0.29-0.32 (before
+0.24-0.27), i.e. at the target within the noise of a loaded machine, not clearly above it;
+with 1 thread 0.38-0.41 (before 0.31-0.33). The dense step scales 2x from 1 to 2 threads, the
+lifted one 1.5-1.6x. d = 1 within 2x of the gather floor: met (1.33 with 2 threads, 1.23 with
+1; before 1.40 / 1.38). What bounds the d = 16 step: the gathers (each gathered byte feeds only
+2 * d_v = 32 FLOP) and the GEMM shape (16 rows per product, 78% of MKL's dense rate), run one
+after the other on each core, then ~0.2-0.8 s of elementwise work on [8192, 16, 256] tensors
+outside the kernels (sums of in-edges, ReLU and their backward, gradient accumulation).
+Next steps: the blocked forward for d_v = 1 < d_u (`impl=blocked` above: 1x16 kernels 312 vs
+410-451 ms); in-place accumulation of in-edge sums; overlapping gathers with GEMMs.
 """
 
 from __future__ import annotations
