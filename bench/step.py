@@ -5,7 +5,8 @@ Run: `python bench/step.py` (both cases, a few minutes on 2 cores), or e.g.
 
 Cases (defaults): `d16`: residual MLP of width 16 (depth 4, 16 inputs, 1 output), lift size
 s = 8192, bernoulli degree 16: ~176M parameters; `d1`: an MLP of scalar vertices (depth 4), s =
-65536, degree 32 (~17M parameters). Batch B = 256, fp32, MSE loss against a random target.
+65536, degree 32 (8.5M parameters, 8.45M lifted edges). Batch B = 256, fp32, MSE loss against a
+random target.
 
 Printed per case: samples/s and lifted edge-samples/s; the step split into aggregation (the
 kernels' autograd functions, timed by wrapping their forward and backward), exchange (none at
@@ -175,9 +176,9 @@ def build_case(name: str, args):
     return title, base, net, base.in_dim, net.out_dim
 
 
-def edge_params(net: torch.nn.Module) -> int:
+def edge_params(net: LiftedNetwork, base: BaseGraph) -> int:
     """Parameters of the lifted edges (`[m, d_v, d_u]` weights), the FLOP-carrying ones."""
-    return sum(p.numel() for n, p in net.named_parameters() if p.dim() == 3 and n.startswith("edges"))
+    return sum(net.edge_weight(e).numel() for e in base.edges)
 
 
 def dense_mlp(params: int, layers: int) -> tuple[torch.nn.Module, int]:
@@ -264,7 +265,7 @@ def run_case(name: str, args) -> None:
     title, base, net, in_dim, out_dim = build_case(name, args)
     B = args.batch
     P = sum(p.numel() for p in net.parameters())
-    Pe = edge_params(net)
+    Pe = edge_params(net, base)
     m = net.num_edges()
     print(f"\n## {name}: {title}, B = {B}: {P / 1e6:.1f}M parameters ({Pe / 1e6:.1f}M in edge weights), "
           f"{m / 1e6:.2f}M lifted edges (built in {CLOCK() - t0:.0f} s)")
