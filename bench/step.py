@@ -45,7 +45,7 @@ swung from 200 to 133 GFLOP/s in one run when the load rose):
 1 torch thread, `--clock thread` (CPU time of the only thread), interleaved before/after at
 load 3.1-3.3 (the load was 3 to 14 for most of this work, when 2-thread wall timings were
 meaningless: OpenMP threads waiting on each other, a 2-thread layer 14x slower than 1 thread).
-These were taken with 2 MiB chunks (`_CHUNK_ELEMS` = 2**19, best at 1 thread, ~10% better than
+These were taken with 2 MiB chunks (`workspace.CHUNK_ELEMS` = 2**19, best at 1 thread, ~10% better than
 the 8 MiB now in place, which is best at 2 threads):
 
   case (1 thread)                     before                  after
@@ -103,7 +103,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 from hardware import hardware_line  # bench/hardware.py (the script's directory is on sys.path)
+import randlift_dist.ops.blocked as BK
 import randlift_dist.ops.kernels as K
+import randlift_dist.ops.workspace as W
 from randlift_dist import BaseGraph, LiftedNetwork, random_sparse_lift
 
 CLOCK = time.perf_counter
@@ -114,7 +116,7 @@ class KernelTimers:
     """Wall time spent inside the aggregation kernels' autograd functions (forward, backward).
 
     Wraps the `forward` / `backward` of every `torch.autograd.Function` defined in
-    `randlift_dist.ops.kernels` for the lifetime of the object (`restore()` undoes it). On CPU the
+    `randlift_dist.ops.kernels` and `ops.blocked` for the lifetime of the object (`restore()` undoes it). On CPU the
     kernels are synchronous, so wall time around them is their cost.
     """
 
@@ -124,7 +126,7 @@ class KernelTimers:
         self.saved = []
         for name in dir(K):
             cls = getattr(K, name)
-            if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == K.__name__:
+            if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ in (K.__name__, BK.__name__):
                 for attr in ("forward", "backward"):
                     orig = cls.__dict__[attr]
                     self.saved.append((cls, attr, orig))
@@ -230,7 +232,7 @@ def gather_floor(net: LiftedNetwork, base: BaseGraph, B: int, repeats: int) -> f
     Forward and weight-gradient passes gather source rows in target order, the input-gradient
     pass gathers target rows in source order; each into a reused buffer of the kernels' chunk
     size (so the gathered rows are read once from memory and written into cache)."""
-    chunk = max(1, K._CHUNK_ELEMS // B)
+    chunk = max(1, W.CHUNK_ELEMS // B)
     buf = torch.empty(chunk, B)
     passes = []
     g = torch.Generator().manual_seed(0)

@@ -81,6 +81,7 @@ from .config import Config, ConfigError, load_config
 from .plan import choose_mode
 from .planstats import format_bytes
 from .ops import kernels as _kernels
+from .ops import workspace as _workspace
 
 GiB = 2**30
 # Resident memory of one training process before the model (Python, torch, numpy, the trainer's
@@ -89,7 +90,7 @@ CPU_BASELINE = 390 * 2**20
 TORCHRUN_EXTRA = 4 * 2**20  # per rank under torchrun: gloo and the c10d store client (measured: +3 MB)
 CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed, not measured)
 # the kernels' chunk and workspace sizes, and when the CSR path's backward is fused
-CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = _kernels._CHUNK_ELEMS, _kernels._CHUNK_ELEMS_ACCEL, _kernels._WS_CACHE_MAX
+CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = _workspace.CHUNK_ELEMS, _workspace.CHUNK_ELEMS_ACCEL, _workspace.WS_CACHE_MAX
 FUSED_MIN_BATCH, FUSED_MIN_SCALAR = _kernels._FUSED_MIN_BATCH, _kernels._FUSED_MIN_SCALAR_ELEMS
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
 EVAL_CHUNK = 1024  # Engine.sum_squared_error without micro-batches

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import randlift_dist.ops.blocked as BK
 import randlift_dist.ops.kernels as K
+import randlift_dist.ops.workspace as W
 from randlift_dist.ops import CSR, IMPLS, aggregate
 
 
@@ -90,8 +92,8 @@ def _close(a, b, rtol):
 @pytest.mark.parametrize("name,impl,tiny_chunks", list(params(CASES)))
 def test_matches_reference_float32(name, impl, tiny_chunks, monkeypatch):
     if tiny_chunks:  # chunks of one row (several per degree group), outputs scattered per chunk
-        monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
-        monkeypatch.setattr(K, "_WS_CACHE_MAX", 16)
+        monkeypatch.setattr(W, "CHUNK_ELEMS", 64)
+        monkeypatch.setattr(W, "WS_CACHE_MAX", 16)
     monkeypatch.setattr(K, "_FUSED_MIN_SCALAR_ELEMS", 0)  # the fused scalar backward at every size
     n_v, n_u, d_v, d_u, B, deg, src = CASES[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, sources=src)
@@ -125,8 +127,8 @@ GRADCHECK = {
 @pytest.mark.parametrize("name,impl,tiny_chunks", [p for p in params(GRADCHECK) if p.values[1] != "auto"])
 def test_gradcheck_float64(name, impl, tiny_chunks, monkeypatch):
     if tiny_chunks:
-        monkeypatch.setattr(K, "_CHUNK_ELEMS", 64)
-        monkeypatch.setattr(K, "_WS_CACHE_MAX", 16)
+        monkeypatch.setattr(W, "CHUNK_ELEMS", 64)
+        monkeypatch.setattr(W, "WS_CACHE_MAX", 16)
     n_v, n_u, d_v, d_u, B, deg, src = GRADCHECK[name]
     y, w, csr = make_case(n_v, n_u, d_v, d_u, B, deg, dtype=torch.float64, sources=src)
     y.requires_grad_(True)
@@ -140,8 +142,8 @@ def test_large_fan_in_and_many_chunks(d, B, fused, monkeypatch):
     """A bigger random lift with binomial degrees (many degree groups, scattered rows) and a
     fixed-degree one (contiguous groups), split into many chunks; the blocked backward fused
     (both gradients from one gather) and as two kernels."""
-    monkeypatch.setattr(K, "_CHUNK_ELEMS", 16384)
-    monkeypatch.setattr(K, "_FUSED_BACKWARD", fused)
+    monkeypatch.setattr(W, "CHUNK_ELEMS", 16384)
+    monkeypatch.setattr(BK, "_FUSED_BACKWARD", fused)
     monkeypatch.setattr(K, "_FUSED_MIN_SCALAR_ELEMS", 0)
     for deg in (np.random.default_rng(3).binomial(150, 0.1, 100), np.full(100, 12)):
         y, w, csr = make_case(100, 150, d, d, B, deg, seed=4)
@@ -261,8 +263,8 @@ def test_csr_caches_structures():
         x = csr.scalar_expansion(d_u)
         assert x is csr.scalar_expansion(d_u) and x.col.dtype == torch.int32
         vals = torch.arange(csr.nnz * d_u, dtype=torch.float64)
-        A = K._csr_tensor(x.indptr, x.col, vals, (x.n_rows, x.n_cols)).to_dense()
-        At = K._csr_tensor(x.t_indptr, x.t_col, vals[x.perm.long()], (x.n_cols, x.n_rows))
+        A = W.csr_tensor(x.indptr, x.col, vals, (x.n_rows, x.n_cols)).to_dense()
+        At = W.csr_tensor(x.t_indptr, x.t_col, vals[x.perm.long()], (x.n_cols, x.n_rows))
         assert torch.equal(At.to_dense(), A.t())
         w = vals.view(-1, 1, d_u)
         for e in range(csr.nnz):

@@ -10,13 +10,16 @@ Implementations, selected by `aggregate(..., impl=...)`:
   `d_u = d_v = 1`): the weights are the values of a scalar CSR matrix `[n_v, n_u * d_u]`; torch
   (MKL) CSR SpMM forward into an uninitialised output; backward is an SpMM with the cached
   transposed structure for the input and a sampled dense-dense product (`sampled_addmm`) for
-  the weights. Indices cached as int32.
+  the weights (at B >= 16 with vector sources, or scalar sources of >= 32 MiB, the blocked fused
+  backward instead). Indices cached as int32.
 - `blocked`: any dims. Target rows are grouped by in-degree k (cached on the CSR); for a chunk of
   c rows with k edges, the sources are gathered into `[c, k*d_u, B]` and the weight blocks laid
   side by side as `[c, d_v, k*d_u]`, so one batched GEMM per chunk computes the sums over edges:
-  no scatter-add, no `[m, d_v, B]` message tensor. The input gradient is the same kernel on the
-  transposed structure (sources grouped by out-degree), the weight gradient one batched GEMM per
-  chunk of rows. All three are deterministic on CPU. Gathers are recomputed chunk by chunk in the
+  no scatter-add, no `[m, d_v, B]` message tensor (`blocked.py`). In training (both gradients),
+  one pass over the sources grouped by out-degree gathers the output-gradient rows of their edges
+  once per chunk and gives the input gradient (times the weight blocks) and the weight gradient
+  (times the sources' own rows). For one gradient alone: the transposed pass, or one batched GEMM
+  per chunk of target rows. All are deterministic on CPU. Gathers are recomputed chunk by chunk in the
   backward, so only y and w are saved. For small batches (B * max(d) < d_v * d_u, e.g. B < 16
   at d = 16) the weights dominate: the forward and the weight gradient then stream them in row
   order, edge by edge, summing each row's messages with a 0/1 CSR SpMM.
@@ -26,8 +29,10 @@ Implementations, selected by `aggregate(..., impl=...)`:
   the batch inside the kernel; float32 / bfloat16 / float16 with fp32 accumulation; no atomics
   (bitwise reproducible). CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (tests). triton
   is imported on first use only.
-`auto` picks `triton` for CUDA tensors of those dtypes when triton imports, else `csr` for scalar
-targets (`d_v = 1`) on CPU and `blocked` otherwise.
+`auto` picks `triton` for CUDA tensors of those dtypes when triton imports; on CPU `csr` for
+float32/float64 scalar targets (`d_v = 1`) whose sources are scalar or whose batch is below 128,
+and `blocked` otherwise (bf16 included: MKL's CSR kernels take no bf16). Scratch buffers and chunk
+budgets: `workspace.py`.
 
 Measurements and what was tried: `bench/kernels.py` (module doc).
 """
