@@ -240,6 +240,7 @@ rl_torchrun() {
   fi
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"  # huge pages for big fresh CPU tensors
   export PYTHONUNBUFFERED=1
   exec python -c "$RL_LAUNCH_PY" agent "${args[@]}" -m randlift_dist.train "$@"
 }
