@@ -10,7 +10,7 @@ random target.
 
 Printed per case: samples/s and lifted edge-samples/s; the step split into aggregation (the
 kernels' autograd functions, timed by wrapping their forward and backward), exchange (none at
-world size 1; the sharded 2-rank mode is left out while the sharding API is being reworked),
+world size 1; the sharded step, its exchange and how much of it overlap hid: `bench/step_sharded.py`),
 optimizer (Adam) and the rest (activations, loss, autograd bookkeeping); FLOPs and FLOP/s, the
 same against a dense MLP step (`torch.nn.Linear` layers with the same FLOPs per sample, same
 batch, Adam) measured in the same run; for d = 1 the gather floor: one gathered activation row
@@ -292,7 +292,7 @@ def run_case(name: str, args) -> None:
           f"backward {kb * 1e3:.0f}; {gflops(flops, kf + kb):.1f} GFLOP/s in the kernels)")
     print("    by kernel and block shape d_v x d_u (forward + backward): "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    print("  exchange 0 ms (world size 1: nothing to exchange, nothing to hide)")
+    print("  exchange 0 ms (world size 1: nothing to exchange; sharded: bench/step_sharded.py)")
     print(f"  optimizer (Adam, {args.adam}) {to * 1e3:.0f} ms ({100 * to / total:.0f}%)")
     print(f"  rest (activations, loss, autograd) {rest * 1e3:.0f} ms ({100 * rest / total:.0f}%)")
     del opt
@@ -344,11 +344,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-floor", action="store_true")
-    p.add_argument("--world-size", type=int, default=1,
-                   help="only 1 for now (the sharded mode waits for the sharding API to settle)")
     args = p.parse_args(argv)
-    if args.world_size != 1:
-        p.error(f"--world-size {args.world_size}: only 1 is supported (drop the option)")
     global CLOCK
     if args.clock == "thread":
         args.threads = 1
