@@ -115,19 +115,18 @@ def _write_problem(e: BaseException, where: Path, root: Path) -> tuple[str, str]
                      f"checkpoint {prev} intact; free space on {root} or lower checkpoint.keep")
 
 
-def _collect(engine) -> dict[str, tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
-    """This rank's rows sorted by key: `{name: (keys [n], value [n, *row], {moment: [n, *row]})}`.
-
-    Collective (ZeRO moments): every rank calls it. Rows already in key order are not copied.
-    """
-    out, keys = {}, row_keys(engine.net)
+def _collect(engine):
+    """This rank's rows sorted by key, one parameter at a time (a generator, so only one
+    parameter's key-ordered copies exist at once): `(name, (keys [n], value [n, *row],
+    {moment: [n, *row]}))`. Collective (ZeRO moments): every rank drains it. Rows already in key
+    order are not copied."""
+    keys = row_keys(engine.net)
     for name, p in engine.net.named_parameters():
         k = keys[name]
         pick = (lambda t: t) if bool((k[1:] > k[:-1]).all()) else (
             lambda t, idx=torch.from_numpy(np.argsort(k, kind="stable")): t[idx])  # timsort: O(n) on sorted runs
         moments = {m: pick(v.detach().float().cpu()) for m, v in sorted(engine.moments(p).items())}
-        out[name] = (pick(torch.from_numpy(k)).numpy(), pick(engine.master_weight(p).detach().float().cpu()), moments)
-    return out
+        yield name, (pick(torch.from_numpy(k)).numpy(), pick(engine.master_weight(p).detach().float().cpu()), moments)
 
 
 def _data_fingerprint(cfg) -> dict[str, Any]:
@@ -163,7 +162,8 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
             shard = write_rows(where, entries, block_bytes)
     except (OSError, RuntimeError) as e:
         err = _write_problem(e, where, root)
-    del entries
+    for _ in entries:  # the rest (a failed write, or a rank that does not write): moments may be collective
+        pass
     if _world() > 1:
         parts: list[Any] = [None] * _world()
         dist.all_gather_object(parts, (err, shard))

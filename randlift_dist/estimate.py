@@ -44,7 +44,8 @@ Phases (the tensors alive on top of the persistent terms):
   kept until the readout) and the largest halo at that batch.
 - checkpoint (the run's last step at least): int64 row keys (8 B / row, and the edge index of the
   largest edge while it is derived); rows not in key order (exchanging edges hold local rows
-  first) are gathered in key order: fp32 value and moments, the order, the sorted keys. On GPUs
+  first) are gathered in key order one parameter at a time: the largest such parameter's fp32
+  value and moments, the order, the sorted keys. On GPUs
   this is host memory, except one tensor's fp32 copies.
 - setup (no gradients or moments yet): the edges built so far plus, for the edge being built, its
   per-block arrays and their concatenation (2 x (16 + 4 s) B / edge) or, at L > 1, the weight
@@ -301,10 +302,11 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
                   if base.vertices[v].role != "input"] + [ws_tmp, halo_row_bytes * B_eval]
     # checkpoint: every parameter's int64 row keys; rows not in key order (an exchanging edge's local
     # rows come first) are gathered into key order: fp32 value and moments, sorted keys, the order
+    # one parameter at a time (checkpoint._collect is a generator): the largest one's copies
     checkpoint = [8 * x for x in keys] + [8 * max(keys)] * 2
-    for x, n_rows, srt in zip(tensors, keys, sorted_rows):
-        if not srt:
-            checkpoint += [4 * x] * (1 + moments) + [8 * n_rows] * 2
+    copies = [[4 * x] * (1 + moments) + [8 * n_rows] * 2 for x, n_rows, srt in zip(tensors, keys, sorted_rows)
+              if not srt]
+    checkpoint += max(copies, key=sum, default=[])
     if not cpu:  # gathered in host memory: on the device only one tensor's fp32 copies at a time
         checkpoint = [4 * max(tensors)] * (1 + moments)
     phases = {"setup": max(setup_small, key=lambda x: _split(x)[0], default=[]), "backward": backward, "optimizer": optimizer,

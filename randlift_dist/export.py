@@ -91,9 +91,9 @@ class RowsError(ValueError):
         self.corrupt = corrupt
 
 
-def write_rows(path: Path, entries: dict[str, tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]],
-               block_bytes: int) -> dict[str, Any]:
-    """Write `{name: (sorted keys [n], value [n, *row] f32, {moment: [n, *row] f32})}` block by block.
+def write_rows(path: Path, entries, block_bytes: int) -> dict[str, Any]:
+    """Write `(name, (sorted keys [n], value [n, *row] f32, {moment: [n, *row] f32}))` pairs (an
+    iterable, consumed one tensor at a time; or a dict of them) block by block.
 
     Returns the file's index: `{file, bytes, params: {name: {rows, row, moments, row_bytes, blocks:
     {start, kmin, kmax, offset, sha256}}}}`; the blocks tile the file, so their digests cover every
@@ -101,7 +101,7 @@ def write_rows(path: Path, entries: dict[str, tuple[np.ndarray, torch.Tensor, di
     """
     params: dict[str, Any] = {}
     with open(path, "wb") as f:
-        for name, (keys, value, moments) in entries.items():
+        for name, (keys, value, moments) in (entries.items() if isinstance(entries, dict) else entries):
             n, row = keys.size, list(value.shape[1:])
             row_bytes = 8 + 4 * int(np.prod(row, dtype=np.int64)) * (1 + len(moments))
             per = max(1, block_bytes // row_bytes)
