@@ -13,7 +13,19 @@ back with nothing to overlap. Hidden fraction = 1 - waited / isolated. Bytes are
 the collectives (`CommStats`), summed over ranks. The hardware line comes first; numbers are the
 max over ranks (the straggler sets the pace).
 
-Measured: see the module doc's end (filled in by running it).
+Measured (2026-11-29, AMD EPYC, 2 cores, 24 GiB, torch 2.13.0+cpu, 2 ranks x 1 thread, gloo over
+loopback, load average 1.6 at the start; batch 256, fp32, block partition, `auto` chose all-gather):
+
+    s = 4096, degree 16 (86.8M parameters): step 2303 ms: kernels 1858, exchange waited 253,
+      optimizer 23, rest 169; 897 MiB exchanged per step; alone 489 ms -> 48% hidden
+    s = 4096, degree 4 (22.2M parameters): step 1366 ms: kernels 807, exchange waited 440,
+      optimizer 6, rest 114; 898 MiB per step; alone 535 ms -> 18% hidden
+
+At degree 16 and 2 ranks every source row is in the other rank's halo, so the whole fibre is
+exchanged (all-gather; the bytes do not depend on the degree). Overlap hides about half of it when
+the local work is large (degree 16) and little when it is not (degree 4): the local edges are the
+only work that can run while the halo is in flight. On 2 cores the two ranks also compete for the
+memory bandwidth the copies need, so "alone" is an optimistic cost.
 """
 
 from __future__ import annotations
