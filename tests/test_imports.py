@@ -112,7 +112,8 @@ def test_no_import_cycle():
 
 @pytest.mark.timeout(300)
 def test_each_module_imports_alone_in_a_fresh_interpreter():
-    """One interpreter per module, in dependency order; and none imports deepspeed, wandb or triton."""
+    """One interpreter per module, in dependency order; and none imports deepspeed, wandb or triton
+    (except `ops.triton_jit`, the Triton kernels themselves, which only `impl="triton"` loads)."""
     mods = [m for m in ORDER if m and source_exists(m)]
     script = ("import importlib, sys; m = importlib.import_module(sys.argv[1]); "
               "heavy = sorted(k for k in ('deepspeed', 'wandb', 'triton') if k in sys.modules); "
@@ -131,6 +132,6 @@ def _collect(procs: dict) -> list[str]:
         out, err = p.communicate(timeout=240)
         if p.returncode != 0:
             failures.append(f"{m}: exit {p.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
-        elif out.strip():
+        elif out.strip() and not (m == "ops.triton_jit" and out.strip() == "triton"):
             failures.append(f"{m}: imports {out.strip()} at import time")
     return failures
