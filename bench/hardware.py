@@ -1,9 +1,12 @@
-"""The hardware line every benchmark prints first (CPU model, cores, memory, library versions)."""
+"""The hardware line every benchmark prints first (CPU model, cores, memory, library versions),
+and the benchmarks' choice of clock."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+from typing import Callable
 
 
 def cpu_model() -> str:
@@ -47,3 +50,15 @@ def hardware_line(packages: tuple[str, ...] = ()) -> str:
             + (f", {mem:.0f} GiB RAM" if mem else "") + gpu
             + f"; python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
             + "".join(f", {x}" for x in extra))
+
+
+def choose_clock(kind: str, threads: int | None) -> Callable[[], float]:
+    """The timer of `--clock`: `wall` (time.perf_counter) or `thread` (the main thread's CPU time,
+    robust on a busy machine; torch then runs one thread). Sets torch's thread count if given."""
+    import torch
+
+    if kind == "thread":
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    return time.thread_time if kind == "thread" else time.perf_counter

@@ -151,7 +151,7 @@ import warnings
 import numpy as np
 import torch
 
-from hardware import hardware_line  # bench/hardware.py (the script's directory is on sys.path)
+from hardware import choose_clock, hardware_line  # bench/hardware.py (the script's directory is on sys.path)
 from randlift_dist.ops import CSR, aggregate
 
 
@@ -322,11 +322,7 @@ def main(argv=None):
                    help="thread: CPU time of the main thread (implies --threads 1); robust on a busy machine")
     args = p.parse_args(argv)
     global CLOCK
-    if args.clock == "thread":
-        args.threads = 1
-        CLOCK = time.thread_time
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    CLOCK = choose_clock(args.clock, args.threads)
     impls = args.impls.split(",")
 
     print("# aggregation kernels benchmark")

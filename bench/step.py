@@ -110,7 +110,7 @@ if "--no-thp" not in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F
 
-from hardware import hardware_line  # bench/hardware.py (the script's directory is on sys.path)
+from hardware import choose_clock, hardware_line  # bench/hardware.py (the script's directory is on sys.path)
 import randlift_dist.ops.blocked as BK
 import randlift_dist.ops.kernels as K
 import randlift_dist.ops.workspace as W
@@ -354,11 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true")
     args = p.parse_args(argv)
     global CLOCK
-    if args.clock == "thread":
-        args.threads = 1
-        CLOCK = time.thread_time
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    CLOCK = choose_clock(args.clock, args.threads)
     print("# training step benchmark")
     print(hardware_line())
     print(f"clock {args.clock}, torch threads {torch.get_num_threads()}, THP_MEM_ALLOC_ENABLE="

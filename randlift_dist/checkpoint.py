@@ -341,7 +341,7 @@ def check_compatible(meta: dict, cfg, lift, path: Path) -> None:
 def load_weights(path: Path, cfg, lift, net) -> tuple[int, dict]:
     """Put the checkpoint's weights into this rank's parameters (before the engine is built).
 
-    Returns the step and this rank's saved rows (for `load_moments`). Reads and verifies only the
+    Returns the step and this rank's saved rows (their moments go to `Engine.restore`). Reads and verifies only the
     blocks holding this rank's rows. Collective when a process group is initialised (every rank
     calls it): a problem on any rank raises the same error on every rank, before any weight changes.
     """
@@ -393,8 +393,3 @@ def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None
     _tell(report, layout, problems, None)
     return None, 0, None
 
-
-def load_moments(state: dict, step: int, engine) -> None:
-    """Put the checkpoint's optimizer moments into the engine (after it is built)."""
-    for name, p in engine.net.named_parameters():
-        engine.load_moments(p, state[name]["moments"], step)

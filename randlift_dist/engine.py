@@ -93,6 +93,11 @@ def _sum_squares(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     return total
 
 
+def _step_result(loss: float, norm: float, lr: float) -> dict[str, Any]:
+    """A step's report; `finite` is the same on every rank (loss and norm come out of all-reduces)."""
+    return {"loss": loss, "grad_norm": norm, "lr": lr, "finite": math.isfinite(loss) and math.isfinite(norm)}
+
+
 def grad_norm(grads: list[torch.Tensor], layout: Layout) -> float:
     """Global L2 norm of sharded gradients: each shard's sum of squares, summed over the lift group."""
     sq = torch.stack([_sum_squares(g) for g in grads if g is not None]).sum().reshape(1)
@@ -150,6 +155,7 @@ class Engine:
 
     def _restore_schedule(self, step: int) -> None:
         pass  # the torch engine computes the lr from step_count
+
     def lr(self) -> float:
         return self.cfg.train.lr * lr_factor(self.cfg, self.step_count)
 
@@ -214,9 +220,9 @@ class TorchEngine(Engine):
                 off += g.numel()
         norm = grad_norm(grads, self.layout)
         self.step_count += 1
-        finite = math.isfinite(loss_mean) and math.isfinite(norm)  # identical on every rank
-        if not finite and skip_nonfinite:
-            return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": False}
+        out = _step_result(loss_mean, norm, lr)
+        if not out["finite"] and skip_nonfinite:
+            return {**out, "applied": False}
         clip = self.cfg.train.grad_clip
         if clip > 0:
             coef = clip / (norm + 1e-6)
@@ -224,7 +230,7 @@ class TorchEngine(Engine):
                 for g in grads:
                     g.mul_(coef)
         self.optimizer.step()
-        return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": True}
+        return {**out, "applied": True}
 
     def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         return torch_moments(self.optimizer, p, self.cfg.train.optimizer)
@@ -278,17 +284,17 @@ class DeepSpeedEngine(Engine):
             loss_sum += loss.item()
             if i == len(micro) - 1 and not self._fragment_api():  # stage 0 fp32: the norm is not recorded
                 norm = grad_norm([p.grad for p in self.net.parameters()], self.layout)
-                loss_mean = self.replica_mean(loss_sum / len(micro))
-                if skip_nonfinite and not (math.isfinite(loss_mean) and math.isfinite(norm)):
+                out = _step_result(self.replica_mean(loss_sum / len(micro)), norm, lr)
+                if skip_nonfinite and not out["finite"]:
                     self._drop_step()
                     self.step_count += 1
-                    return {"loss": loss_mean, "grad_norm": norm, "lr": lr, "applied": False}
+                    return {**out, "applied": False}
             self.engine.step()  # the optimizer steps at the accumulation boundary only
         self.step_count += 1
         if norm is None:
             ds_norm = self.engine.get_global_grad_norm()
             norm = float(ds_norm) if ds_norm is not None else float("nan")
-        return {"loss": self.replica_mean(loss_sum / len(micro)), "grad_norm": norm, "lr": lr, "applied": True}
+        return {**_step_result(self.replica_mean(loss_sum / len(micro)), norm, lr), "applied": True}
 
     def _drop_step(self) -> None:
         """Skip the optimizer update of a non-finite step (stage 0 fp32): clear the gradients and

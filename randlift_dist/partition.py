@@ -97,6 +97,14 @@ class Ownership:
             self._cache["pos"] = pos
         return self._cache["pos"][idx]
 
+    def local_rows(self, idx: np.ndarray, rank: int) -> np.ndarray:
+        """Rows in `rank`'s rows of global indices that `rank` owns. With contiguous ownership the
+        int64 array `idx` itself is returned, shifted in place (no new array: set-up memory)."""
+        if self.contiguous:
+            idx -= self.bounds[rank]
+            return idx
+        return self.position(idx)
+
     def owner_array(self) -> np.ndarray:
         """The owner of every vertex, int32 `[n]` (materialised: for statistics and tests)."""
         if self.contiguous:

@@ -233,12 +233,9 @@ def build_plan(lift: Lift, layout=None, strategy: str = "block", exchange: str =
     plan = ShardPlan(lift, rank, P, owners, {}, strategy, exchange, allgather_threshold)
     for e in lift.base.edges:
         targets = None if (P == 1 or plan.n_own(e.dst) == lift.n(e.dst)) else plan.own(e.dst)
-        src, row = lift.edges(e, targets)  # row: global target index, made local in place
+        src, row = lift.edges(e, targets)  # row: global target index, made local below
         if targets is not None:
-            if owners[e.dst].contiguous:
-                row -= _first(targets)
-            else:
-                row = np.searchsorted(targets, row)
+            row = owners[e.dst].local_rows(row, rank)
         n_rows = plan.n_own(e.dst)
         if P == 1 or plan.is_input(e.src):
             plan.edges[e.key] = EdgePlan(e.key, n_rows, lift.n(e.src), row, src)
@@ -246,10 +243,6 @@ def build_plan(lift: Lift, layout=None, strategy: str = "block", exchange: str =
         plan.edges[e.key] = _exchanging_edge(plan, layout, e, src, row, n_rows)
         del src, row
     return plan
-
-
-def _first(targets: np.ndarray) -> int:
-    return int(targets[0]) if targets.size else 0
 
 
 def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarray, n_rows: int) -> EdgePlan:
@@ -262,11 +255,7 @@ def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarra
     mode, send_splits, recv_splits, max_own = plan_edge_exchange(
         need.view(P, P).numpy(), owners_u, rank, plan.exchange, plan.allgather_threshold)
     row_local, row_remote = _ordered(row, sp.local)
-    col_local = src[sp.local]  # global index -> row in this rank's source rows
-    if owners_u.contiguous:
-        col_local -= owners_u.bounds[rank]
-    else:
-        col_local = owners_u.position(col_local)
+    col_local = owners_u.local_rows(src[sp.local], rank)  # global index -> row in this rank's source rows
     if mode == "alltoall":  # tell each owner which of its rows we need
         asked = torch.zeros(int(sum(send_splits)), dtype=torch.int64)
         dist.all_to_all_single(asked, torch.from_numpy(sp.halo_global.astype(np.int64)), send_splits, recv_splits,
@@ -280,7 +269,7 @@ def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarra
         remote = src[~sp.local]
         col_remote = owners_u.owner_of(remote) * max_own + owners_u.position(remote)
         send_idx, halo, n_cols = np.zeros(0, np.int64), None, P * max_own
-    ex = Exchange(mode, send_idx.astype(np.int64), send_splits, recv_splits, max_own, P, halo)
+    ex = Exchange(mode, send_idx.astype(np.int64, copy=False), send_splits, recv_splits, max_own, P, halo)
     local_first = None if sp.local.all() else sp.local
-    return EdgePlan(e.key, n_rows, owners_u.count(rank), row_local, col_local.astype(np.int64), local_first,
+    return EdgePlan(e.key, n_rows, owners_u.count(rank), row_local, col_local.astype(np.int64, copy=False), local_first,
                     row_remote, np.asarray(col_remote, np.int64), n_cols, ex)

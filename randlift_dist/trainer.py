@@ -184,9 +184,7 @@ class Trainer:
             self.layout.set_timeout(cfg.parallel.timeout_s, self.net.comm.edge_groups.values())
             while self.step < t.steps:
                 out = self.train_step()
-                finite = out["loss"] == out["loss"] and abs(out["loss"]) != float("inf") and \
-                    out["grad_norm"] == out["grad_norm"] and abs(out["grad_norm"]) != float("inf")
-                sig, nonfinite = self._agree(requested["signal"], not finite)
+                sig, nonfinite = self._agree(requested["signal"], not out["finite"])
                 window["t"] += out["step_s"]
                 window["samples"] += t.batch_size
                 window["steps"] += 1
