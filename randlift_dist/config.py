@@ -61,6 +61,10 @@ class ModelConfig:
                           "intermediates (less activation memory, about one more forward)", False)
     impl: Literal["auto", "reference", "csr", "blocked", "triton"] = doc(
         "aggregation kernel (auto: triton on CUDA when installed, else csr for scalar targets, else blocked)", "auto")
+    topology: Literal["stored", "regenerate"] = doc(
+        "lifted edges kept as index arrays (stored), or drawn again from the lift's seed chunk by chunk in every "
+        "forward and backward (regenerate: no per-edge indices in memory, slower; for d = 1 lifts, where indices "
+        "outweigh the parameters)", "stored")
 
 
 @dataclass
@@ -191,6 +195,9 @@ class Config:
         if self.parallel.precision == "bf16" and self.parallel.zero_stage == 0:
             raise ConfigError("parallel.precision=bf16 needs parallel.zero_stage=1 or 2: the fp32 master weights "
                               "and moments that checkpoints save live in DeepSpeed's ZeRO optimizer")
+        if self.model.topology == "regenerate" and self.model.impl != "auto":
+            raise ConfigError(f"model.impl={self.model.impl} with model.topology=regenerate: the regenerated "
+                              "topology has its own chunked kernel; set model.impl=auto (or model.topology=stored)")
         if not 0 < self.parallel.allgather_threshold:
             raise ConfigError(f"parallel.allgather_threshold={self.parallel.allgather_threshold!r}: must be > 0")
         if self.train.resume not in ("auto", "none") and not Path(self.train.resume).exists():

@@ -59,9 +59,7 @@ def lift_statistics(net, layout) -> dict[str, Any]:
         ep = plan.edges[e.key]
         k = str(e)
         mine["edges"][k], mine["remote"][k] = ep.n_edges, ep.n_edges - ep.n_local
-        deg = np.bincount(ep.row_local, minlength=ep.n_rows)
-        if ep.row_remote is not None:
-            deg = deg + np.bincount(ep.row_remote, minlength=ep.n_rows)
+        deg = plan.in_degrees(e.key)
         mine["hist"][k] = np.bincount(np.minimum(deg, 64), minlength=65)
         mine["halo_rows"][k] = ep.exchange.n_halo if ep.exchange is not None else 0
         mine["rows_sent"][k] = ep.exchange.rows_sent() if ep.exchange is not None else 0

@@ -31,43 +31,76 @@ from torch.utils.checkpoint import checkpoint
 from .comm import Communicator, HaloExchange, copy_to_lift_group, reduce_from_lift_group
 from .graph import ACTIVATIONS, BaseGraph, Edge, GraphError, edge_key
 from .lift import STREAM_READOUT, STREAM_WEIGHTS, Lift, block_rng
-from .ops import CSR, IMPLS, aggregate
+from .ops import CSR, IMPLS, aggregate, regenerated_aggregate
 from .plan import EdgePlan, ShardPlan, build_plan
 
 READOUT_SCALES = ("sum", "mean", "sqrt")
 READOUT_INITS = ("zero", "normal")
 
 
+class BlockChunks:
+    """The edges of one regenerated base edge, for `ops.regenerated_aggregate`: runs of
+    consecutive sampling blocks, drawn again from the lift's streams on every call (see
+    `plan.BlockTopology`); nothing per edge is kept between calls."""
+
+    def __init__(self, plan: ShardPlan, key: tuple[str, str]):
+        ep = plan.edges[key]
+        self.plan, self.key, self.n_rows = plan, key, ep.n_rows
+        self.edge_ptr, self.row_ptr = ep.blocks.edge_ptr, ep.blocks.row_ptr
+
+    def chunks(self, max_edges: int, device: torch.device):
+        ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
+        i0 = 0
+        while i0 < nb:  # as many whole blocks as fit in max_edges, at least one
+            i1 = max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + max_edges, side="right")) - 1)
+            row, col = self.plan.block_edges(self.key, i0, i1)
+            yield (int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]),
+                   torch.from_numpy(row).to(device), torch.from_numpy(col).to(device))
+            i0 = i1
+
+
 class EdgeLayer(nn.Module):
     """The lifted edges over one base edge that end at this rank's vertices.
 
-    Parameter rows are ordered: edges whose source is on this rank first (sorted by target, then
-    source), then edges whose source is remote (same order). `csr_local` indexes the source rows
-    held here, `csr_remote` the rows delivered by `exchange`.
+    Stored topology: parameter rows are ordered: edges whose source is on this rank first (sorted
+    by target, then source), then edges whose source is remote (same order). `csr_local` indexes
+    the source rows held here, `csr_remote` the rows delivered by `exchange`, and the local part
+    is computed while the remote rows are in flight. Regenerated topology (`plan.BlockTopology`):
+    rows in the sampled order, no index arrays; the halo is received first and the edges are
+    drawn again chunk by chunk over `[own rows | received rows]`.
     """
 
-    def __init__(self, weight: torch.Tensor, ep: EdgePlan, exchange: HaloExchange | None, impl: str):
+    def __init__(self, weight: torch.Tensor, ep: EdgePlan, exchange: HaloExchange | None, impl: str,
+                 plan: ShardPlan | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.key, self.n_local, self.impl = ep.key, ep.n_local, impl
+        self.exchange = exchange
+        self.csr_local = self.csr_remote = self.blocks = None
+        if ep.regenerated:
+            self.blocks = BlockChunks(plan, ep.key)
+            return
         self.csr_local = CSR(torch.from_numpy(ep.row_local), torch.from_numpy(ep.col_local), ep.n_rows,
                              ep.n_cols_local)
-        self.csr_remote = None
         if ep.exchange is not None:
             self.csr_remote = CSR(torch.from_numpy(ep.row_remote), torch.from_numpy(ep.col_remote), ep.n_rows,
                                   ep.n_cols_remote)
-        self.exchange = exchange
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         dev = self.weight.device
-        self.csr_local = self.csr_local.to(dev)
+        if self.csr_local is not None:
+            self.csr_local = self.csr_local.to(dev)
         if self.csr_remote is not None:
             self.csr_remote = self.csr_remote.to(dev)
         return self
 
     def forward(self, y_src: torch.Tensor) -> torch.Tensor:  # [n_u_own, d_u, B] -> [n_v_own, d_v, B]
         w = self.weight
+        if self.blocks is not None:
+            if self.exchange is not None:
+                y_src = torch.cat([y_src, self.exchange.finish(self.exchange.start(y_src))])
+            return regenerated_aggregate(y_src, w, self.blocks)
         if self.exchange is None:
             return aggregate(y_src, w, self.csr_local, self.impl)
         started = self.exchange.start(y_src)  # remote rows in flight while local edges compute
@@ -156,7 +189,7 @@ class LiftedNetwork(nn.Module):
             w.copy_(w[torch.from_numpy(order)])
             del order
         ex = None if ep.exchange is None else self.comm.halo_exchange(e.key, ep.exchange)
-        return EdgeLayer(w, ep, ex, self.impl)
+        return EdgeLayer(w, ep, ex, self.impl, self.plan)
 
     def _init_weights(self, e: Edge) -> np.ndarray:
         """Initial weights of this rank's edges over `e` in the sampled order: block by block,

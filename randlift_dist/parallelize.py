@@ -18,8 +18,9 @@ from .plan import ALLGATHER_THRESHOLD, build_plan
 
 
 def shard_network(base: BaseGraph, lift: Lift, layout=None, strategy: str = "block", exchange: str = "auto",
-                  allgather_threshold: float = ALLGATHER_THRESHOLD, **net_kwargs) -> LiftedNetwork:
+                  allgather_threshold: float = ALLGATHER_THRESHOLD, topology: str = "stored",
+                  **net_kwargs) -> LiftedNetwork:
     """This rank's shard of the lifted network (collective over the world when `layout` is sharded)."""
-    plan = build_plan(lift, layout, strategy, exchange, allgather_threshold)
+    plan = build_plan(lift, layout, strategy, exchange, allgather_threshold, topology)
     comm = Communicator() if layout is None else Communicator.create(plan, layout)
     return LiftedNetwork(base, lift, plan, comm, **net_kwargs)

@@ -35,6 +35,7 @@ from .lift import Lift
 from .partition import Ownership, PartitionError, make_partition
 
 MODES = ("auto", "alltoall", "allgather")
+TOPOLOGIES = ("stored", "regenerate")
 # torch >= 2.13 renamed the flat-tensor all-gather; older releases have only the old name
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 ALLGATHER_THRESHOLD = 0.8  # auto: all-gather once the halo rows reach 80% of the all-gather volume
@@ -85,29 +86,61 @@ class Exchange:
 
 
 @dataclasses.dataclass
+class BlockTopology:
+    """A rank's in-edges over one base edge kept as the lift's sampling blocks, not as index
+    arrays (`topology="regenerate"`): O(blocks) numbers instead of O(edges) indices.
+
+    The edges are in the sampled `(dst, src)` order restricted to this rank's targets (which is
+    the parameter order in this mode): block `blocks[i]` holds parameter rows
+    `edge_ptr[i]:edge_ptr[i + 1]`, ending at local target rows `row_ptr[i]:row_ptr[i + 1]`.
+    `ShardPlan.block_edges` regenerates any range of blocks' `(row, col)`."""
+
+    blocks: np.ndarray  # int64 [nb], ascending sampling blocks of the target fibre
+    edge_ptr: np.ndarray  # int64 [nb + 1]
+    row_ptr: np.ndarray  # int64 [nb + 1]
+    n_remote: int  # edges whose source lives on another rank
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_ptr[-1])
+
+
+@dataclasses.dataclass
 class EdgePlan:
     """This rank's lifted edges over one base edge, in parameter order (see the module doc).
 
-    `row_*` index this rank's target rows; `col_local` indexes its source rows (the whole fibre
-    when the source is an input or `P = 1`), `col_remote` the exchange's received buffer."""
+    Stored topology: `row_*` index this rank's target rows; `col_local` indexes its source rows
+    (the whole fibre when the source is an input or `P = 1`), `col_remote` the exchange's
+    received buffer. Regenerated topology: those arrays are None and `blocks` says where each
+    sampling block's edges go (`ShardPlan.block_edges` gives their rows and columns)."""
 
     key: tuple[str, str]
     n_rows: int
     n_cols_local: int
-    row_local: np.ndarray
-    col_local: np.ndarray
+    row_local: np.ndarray | None
+    col_local: np.ndarray | None
     local_first: np.ndarray | None = None  # bool over the sampled order; None: already in order
     row_remote: np.ndarray | None = None
     col_remote: np.ndarray | None = None
     n_cols_remote: int = 0
     exchange: Exchange | None = None
+    blocks: BlockTopology | None = None
+
+    @property
+    def regenerated(self) -> bool:
+        return self.blocks is not None
 
     @property
     def n_local(self) -> int:
+        """Edges whose source is held here (stored topology: the first rows of the parameter)."""
+        if self.blocks is not None:
+            return self.blocks.n_edges - self.blocks.n_remote
         return int(self.row_local.size)
 
     @property
     def n_edges(self) -> int:
+        if self.blocks is not None:
+            return self.blocks.n_edges
         return self.n_local + (0 if self.row_remote is None else int(self.row_remote.size))
 
 
@@ -123,6 +156,8 @@ class ShardPlan:
     strategy: str = "block"
     exchange: str = "auto"
     allgather_threshold: float = ALLGATHER_THRESHOLD
+    topology: str = "stored"
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def is_input(self, v: str) -> bool:
         return self.lift.base.vertices[v].role == "input"
@@ -138,9 +173,92 @@ class ShardPlan:
             return self.lift.n(v)
         return self.owners[v].count(self.rank)
 
+    def _sharded(self, v: str) -> bool:
+        return not (self.is_input(v) or self.world_size == 1)
+
+    def _block_keep(self, v: str, b: int, rows: int) -> np.ndarray | None:
+        """Which of the `rows` targets of sampling block b of fibre v are this rank's (None: all)."""
+        if not self._sharded(v):
+            return None
+        lo = b * self.lift.block_size
+        own = self.owners[v]
+        if own.contiguous:
+            a, z = int(own.bounds[self.rank]) - lo, int(own.bounds[self.rank + 1]) - lo
+            if a <= 0 and z >= rows:
+                return None
+            keep = np.zeros(rows, dtype=bool)
+            keep[max(a, 0):max(min(z, rows), 0)] = True
+            return keep
+        if ("own", v) not in self._cache:
+            self._cache[("own", v)] = self.own(v)
+        mine = self._cache[("own", v)]
+        i0, i1 = np.searchsorted(mine, (lo, lo + rows))
+        keep = np.zeros(rows, dtype=bool)
+        keep[mine[i0:i1] - lo] = True
+        return keep
+
+    def block_global_edges(self, key: tuple[str, str], i0: int, i1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global `(src, dst)` of blocks `i0:i1` of a regenerated edge (parameter rows
+        `edge_ptr[i0]:edge_ptr[i1]`), drawn again from the lift's counter-based streams."""
+        bt = self.edges[key].blocks
+        e, B = self.lift.base.edge(key), self.lift.block_size
+        srcs, dsts = [], []
+        for b in bt.blocks[i0:i1].tolist():
+            src, dst = self.lift.sample_block(e, b)
+            keep = self._block_keep(key[1], b, min(B, self.lift.n(key[1]) - b * B))
+            if keep is not None:
+                m = keep[dst - b * B]
+                src, dst = src[m], dst[m]
+            srcs.append(src)
+            dsts.append(dst)
+        if not srcs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(srcs), np.concatenate(dsts)
+
+    def block_edges(self, key: tuple[str, str], i0: int, i1: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(row, col)` int64 of blocks `i0:i1` of a regenerated edge, in parameter order: `row`
+        indexes this rank's target rows, `col` the source buffer `[own source rows | received
+        rows]` (`n_cols_local + n_cols_remote` rows; no received part without an exchange)."""
+        ep = self.edges[key]
+        u, v = key
+        src, dst = self.block_global_edges(key, i0, i1)
+        row = self.owners[v].local_rows(dst, self.rank) if self._sharded(v) else dst
+        if ep.exchange is None:
+            return row, src
+        ou, ex = self.owners[u], ep.exchange
+        owner = ou.owner_of(src)
+        local = owner == self.rank
+        col = np.empty_like(src)
+        col[local] = ou.position(src[local])
+        rs, ro = src[~local], owner[~local]
+        if ex.mode == "alltoall":  # the halo is sorted by (owner, index)
+            if ("halo", key) not in self._cache:
+                self._cache[("halo", key)] = ou.owner_of(ex.halo_global) * ou.n + ex.halo_global
+            col[~local] = ep.n_cols_local + np.searchsorted(self._cache[("halo", key)], ro * ou.n + rs)
+        else:  # all-gather layout [rank, row in that rank's rows]
+            col[~local] = ep.n_cols_local + ro * ex.max_own + ou.position(rs)
+        return row, col
+
+    def in_degrees(self, key: tuple[str, str]) -> np.ndarray:
+        """In-degree over `key` of each of this rank's target rows, int64 `[n_rows]`."""
+        ep = self.edges[key]
+        if ep.blocks is None:
+            deg = np.bincount(ep.row_local, minlength=ep.n_rows)
+            if ep.row_remote is not None:
+                deg = deg + np.bincount(ep.row_remote, minlength=ep.n_rows)
+            return deg
+        parts = []
+        for b in ep.blocks.blocks.tolist():
+            d = self.lift.block_degrees(key, b)
+            keep = self._block_keep(key[1], b, d.size)
+            parts.append(d if keep is None else d[keep])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def global_edges(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
         """Global `(src, dst)` fibre indices of this rank's edges over `key`, in parameter order."""
         ep = self.edges[key]
+        if ep.blocks is not None:
+            return self.block_global_edges(key, 0, ep.blocks.blocks.size)
         u, v = key
         own_v = self.own(v)
         dst = [own_v[ep.row_local]]
@@ -219,19 +337,28 @@ def _lift_partition(lift: Lift, layout, strategy: str) -> dict[str, Ownership]:
 
 
 def build_plan(lift: Lift, layout=None, strategy: str = "block", exchange: str = "auto",
-               allgather_threshold: float = ALLGATHER_THRESHOLD) -> ShardPlan:
+               allgather_threshold: float = ALLGATHER_THRESHOLD, topology: str = "stored") -> ShardPlan:
     """This rank's `ShardPlan`; collective over `layout`'s lift-parallel group (None: one process).
 
     Samples only the rank's own in-edges (block-wise, see `lift.py`), splits them, and agrees on
     the exchanges with two collectives per exchanging base edge: an all-gather of the need matrix
-    and, in all-to-all mode, an all-to-all telling each owner which of its rows are needed."""
+    and, in all-to-all mode, an all-to-all telling each owner which of its rows are needed.
+
+    `topology="regenerate"` keeps no index arrays: per base edge only the sampling blocks holding
+    the rank's targets and where their edges go (`BlockTopology`); the edges are drawn block by
+    block here (for the halo) and again whenever the network needs them."""
     if exchange not in MODES:
         raise PartitionError(f"exchange mode {exchange!r}: choose one of {MODES}")
+    if topology not in TOPOLOGIES:
+        raise PartitionError(f"topology {topology!r}: choose one of {TOPOLOGIES}")
     P = 1 if layout is None else layout.lift_parallel
     rank = 0 if layout is None else layout.lift_rank
     owners = _lift_partition(lift, layout, strategy) if layout is not None else make_partition(lift, 1, strategy)
-    plan = ShardPlan(lift, rank, P, owners, {}, strategy, exchange, allgather_threshold)
+    plan = ShardPlan(lift, rank, P, owners, {}, strategy, exchange, allgather_threshold, topology)
     for e in lift.base.edges:
+        if topology == "regenerate":
+            plan.edges[e.key] = _regenerated_edge(plan, layout, e)
+            continue
         targets = None if (P == 1 or plan.n_own(e.dst) == lift.n(e.dst)) else plan.own(e.dst)
         src, row = lift.edges(e, targets)  # row: global target index, made local below
         if targets is not None:
@@ -245,31 +372,91 @@ def build_plan(lift: Lift, layout=None, strategy: str = "block", exchange: str =
     return plan
 
 
-def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarray, n_rows: int) -> EdgePlan:
+def _agree_exchange(plan: ShardPlan, layout, e, halo_global: np.ndarray, halo_owner: np.ndarray) -> Exchange:
+    """The collective part of an exchange: from this rank's halo (sorted by (owner, index)), the
+    need matrix, the mode and, in all-to-all mode, the rows each owner sends."""
     P, rank, group = plan.world_size, plan.rank, layout.lift_group
     owners_u = plan.owners[e.src]
-    sp = split_edges(owners_u, rank, src)
-    mine = torch.from_numpy(np.bincount(sp.halo_owner, minlength=P).astype(np.int64))
+    mine = torch.from_numpy(np.bincount(halo_owner, minlength=P).astype(np.int64))
     need = torch.zeros(P * P, dtype=torch.int64)
     _all_gather_single(need, mine, group=group)
     mode, send_splits, recv_splits, max_own = plan_edge_exchange(
         need.view(P, P).numpy(), owners_u, rank, plan.exchange, plan.allgather_threshold)
-    row_local, row_remote = _ordered(row, sp.local)
-    col_local = owners_u.local_rows(src[sp.local], rank)  # global index -> row in this rank's source rows
     if mode == "alltoall":  # tell each owner which of its rows we need
         asked = torch.zeros(int(sum(send_splits)), dtype=torch.int64)
-        dist.all_to_all_single(asked, torch.from_numpy(sp.halo_global.astype(np.int64)), send_splits, recv_splits,
+        dist.all_to_all_single(asked, torch.from_numpy(halo_global.astype(np.int64)), send_splits, recv_splits,
                                group=group)
         asked = asked.numpy()
         if asked.size and (owners_u.owner_of(asked) != rank).any():
             raise RuntimeError(f"exchange plan for {e}: a peer asked for rows this rank does not own")
-        send_idx, halo = owners_u.position(asked), sp.halo_global
-        col_remote, n_cols = sp.col_remote, sp.halo_global.size
+        send_idx, halo = owners_u.position(asked), halo_global
     else:  # all-gather layout [rank, row in that rank's rows]: no index lists
+        send_idx, halo = np.zeros(0, np.int64), None
+    return Exchange(mode, send_idx.astype(np.int64, copy=False), send_splits, recv_splits, max_own, P, halo)
+
+
+def _n_received(ex: Exchange) -> int:
+    return int(ex.halo_global.size) if ex.mode == "alltoall" else ex.world_size * ex.max_own
+
+
+def _exchanging_edge(plan: ShardPlan, layout, e, src: np.ndarray, row: np.ndarray, n_rows: int) -> EdgePlan:
+    rank, owners_u = plan.rank, plan.owners[e.src]
+    sp = split_edges(owners_u, rank, src)
+    ex = _agree_exchange(plan, layout, e, sp.halo_global, sp.halo_owner)
+    row_local, row_remote = _ordered(row, sp.local)
+    col_local = owners_u.local_rows(src[sp.local], rank)  # global index -> row in this rank's source rows
+    if ex.mode == "alltoall":
+        col_remote = sp.col_remote
+    else:  # all-gather layout [rank, row in that rank's rows]
         remote = src[~sp.local]
-        col_remote = owners_u.owner_of(remote) * max_own + owners_u.position(remote)
-        send_idx, halo, n_cols = np.zeros(0, np.int64), None, P * max_own
-    ex = Exchange(mode, send_idx.astype(np.int64, copy=False), send_splits, recv_splits, max_own, P, halo)
+        col_remote = owners_u.owner_of(remote) * ex.max_own + owners_u.position(remote)
     local_first = None if sp.local.all() else sp.local
     return EdgePlan(e.key, n_rows, owners_u.count(rank), row_local, col_local.astype(np.int64, copy=False), local_first,
-                    row_remote, np.asarray(col_remote, np.int64), n_cols, ex)
+                    row_remote, np.asarray(col_remote, np.int64), _n_received(ex), ex)
+
+
+_HALO_SCAN_BLOCKS = 64  # sampling blocks drawn at once while collecting a regenerated edge's halo
+
+
+def _regenerated_edge(plan: ShardPlan, layout, e) -> EdgePlan:
+    """A `BlockTopology` edge: block offsets from the in-degrees alone; with an exchange, the
+    halo collected block by block (O(halo + a few blocks) memory, never O(edges))."""
+    lift, v = plan.lift, e.dst
+    B, n_rows = lift.block_size, plan.n_own(v)
+    if not plan._sharded(v) or plan.n_own(v) == lift.n(v):
+        blocks = np.arange(lift.num_blocks(v), dtype=np.int64)
+    elif plan.owners[v].contiguous:
+        lo, hi = (int(x) for x in plan.owners[v].bounds[plan.rank:plan.rank + 2])
+        blocks = np.arange(lo // B, -(-hi // B) if hi > lo else lo // B, dtype=np.int64)
+    else:
+        blocks = np.unique(plan.own(v) // B)
+    n_edges, n_rows_b = np.zeros(blocks.size, np.int64), np.zeros(blocks.size, np.int64)
+    for i, b in enumerate(blocks.tolist()):
+        deg = lift.block_degrees(e, b)
+        keep = plan._block_keep(v, b, deg.size)
+        if keep is not None:
+            deg = deg[keep]
+        n_edges[i], n_rows_b[i] = deg.sum(), deg.size
+    bt = BlockTopology(blocks, np.concatenate([[0], np.cumsum(n_edges)]), np.concatenate([[0], np.cumsum(n_rows_b)]), 0)
+    if bt.row_ptr[-1] != n_rows:
+        raise RuntimeError(f"edge {e}: the sampling blocks hold {bt.row_ptr[-1]} of this rank's {n_rows} targets")
+    ep = EdgePlan(e.key, n_rows, lift.n(e.src), None, None, blocks=bt)
+    if not plan._sharded(e.src):
+        return ep
+    ou, rank = plan.owners[e.src], plan.rank
+    plan.edges[e.key] = ep  # block_global_edges reads it
+    keys: list[np.ndarray] = []
+    n_keys = 0
+    for i0 in range(0, blocks.size, _HALO_SCAN_BLOCKS):
+        src, _ = plan.block_global_edges(e.key, i0, min(i0 + _HALO_SCAN_BLOCKS, blocks.size))
+        owner = ou.owner_of(src)
+        remote = owner != rank
+        bt.n_remote += int(remote.sum())
+        keys.append(np.unique(owner[remote] * ou.n + src[remote]))
+        n_keys += keys[-1].size
+        if n_keys > 4 * max(ou.n, 1) or len(keys) > 64:  # merge: bounded by the source fibre
+            keys = [np.unique(np.concatenate(keys))]
+            n_keys = keys[0].size
+    uniq = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    ex = _agree_exchange(plan, layout, e, uniq % ou.n, uniq // ou.n)
+    return EdgePlan(e.key, n_rows, ou.count(rank), None, None, n_cols_remote=_n_received(ex), exchange=ex, blocks=bt)

@@ -56,7 +56,7 @@ class Trainer:
         self._refuse_if_finished()
         m, p = cfg.model, cfg.parallel
         self.net = shard_network(self.base, self.lift, layout, p.partition, p.exchange, p.allgather_threshold,
-                                 out_dim=cfg.out_dim(self.base), readout_scale=m.readout_scale,
+                                 topology=m.topology, out_dim=cfg.out_dim(self.base), readout_scale=m.readout_scale,
                                  weight_scale=m.weight_scale, seed=m.weight_seed, readout_init=m.readout_init,
                                  impl=m.impl, recompute=m.recompute,
                                  dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32)

@@ -95,9 +95,9 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * (out - target).pow(2).mean()  # target broadcasts over the readout width
 
 
-def sharded(base, lift, layout, strategy: str, mode: str, **kw):
+def sharded(base, lift, layout, strategy: str, mode: str, topology: str = "stored", **kw):
     """`(plan, net)`: the plan (collective), its communicator (collective), the network (local)."""
-    plan = build_plan(lift, layout, strategy, mode)
+    plan = build_plan(lift, layout, strategy, mode, topology=topology)
     comm = Communicator.create(plan, layout)
     return plan, LiftedNetwork(base, lift, plan, comm, **kw)
 
@@ -216,7 +216,7 @@ def check_plans(ck: Checks, label: str, net, plan, lift, base, group) -> dict[st
 
 
 # ---------------------------------------------------------------- the checks of one world
-def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIES) -> None:
+def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIES, topology: str = "stored") -> None:
     """Sharded vs world-size-1: init, forward, input grads, parameter grads, bytes, plans."""
     base, lift, kw = make_case(case)
     group = layout.lift_group
@@ -231,8 +231,8 @@ def equivalence(ck: Checks, layout, case: str, modes=MODES, strategies=STRATEGIE
            all(g.norm() > 0 for k, g in ref_grads.items() if k.startswith("edges")))
     for strategy in strategies:
         for mode in modes:
-            label = f"{case}/{strategy}/{mode}"
-            plan, net = sharded(base, lift, layout, strategy, mode, **kw)
+            label = f"{case}/{strategy}/{mode}" + ("" if topology == "stored" else f"/{topology}")
+            plan, net = sharded(base, lift, layout, strategy, mode, topology, **kw)
             ck.add("init", f"{label}: parameters flagged model_parallel",
                    all(getattr(p, "model_parallel", False) for p in net.parameters()))
             init = gather_network(net)
@@ -285,7 +285,8 @@ def sgd_curve(net, case: str, seed: int, data_rank: int = 0, data_parallel: int 
     return curve
 
 
-def training(ck: Checks, layout, case: str, modes=("alltoall", "allgather")) -> None:
+def training(ck: Checks, layout, case: str, modes=("alltoall", "allgather"), strategies=STRATEGIES,
+             topology: str = "stored") -> None:
     """SGD_STEPS steps of SGD: same loss curve (and final weights) as world size 1."""
     base, lift, kw = make_case(case)
     ref = LiftedNetwork(base, lift, **kw)
@@ -293,10 +294,10 @@ def training(ck: Checks, layout, case: str, modes=("alltoall", "allgather")) -> 
     ref_final = {k: p.detach().clone() for k, p in ref.named_parameters()}
     ck.add("sgd", f"{case}: reference loss finite and decreasing",
            np.isfinite(ref_curve).all() and ref_curve[-1] < 0.5 * ref_curve[0], str(ref_curve))
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         for mode in modes:
-            label = f"{case}/{strategy}/{mode}"
-            _, net = sharded(base, lift, layout, strategy, mode, **kw)
+            label = f"{case}/{strategy}/{mode}" + ("" if topology == "stored" else f"/{topology}")
+            _, net = sharded(base, lift, layout, strategy, mode, topology, **kw)
             curve = sgd_curve(net, case, seed=1)
             ck.close("sgd", f"{label}: loss curve", torch.tensor(curve), torch.tensor(ref_curve))
             final = gather_network(net)
@@ -432,6 +433,10 @@ def world_main(rank: int, world_size: int, sgd_case: str, bad: list[int]):
     for case in CASES:
         equivalence(ck, layout, case)
     training(ck, layout, sgd_case)
+    # regenerated topology (no stored edges): the same invariants, contiguous and per-vertex owners
+    for case in CASES:
+        equivalence(ck, layout, case, ("alltoall", "allgather"), ("block", "random"), "regenerate")
+    training(ck, layout, sgd_case, ("alltoall",), ("block",), "regenerate")
     if bad:
         bad_layouts(ck, world_size, bad)
     return ck.result()

@@ -22,7 +22,7 @@ import randlift_dist
 PKG = Path(randlift_dist.__file__).parent
 ORDER = [
     # local kernels: depend on nothing else of the project
-    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops",
+    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
     "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "export",
     "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",

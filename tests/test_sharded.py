@@ -109,6 +109,19 @@ def test_sgd_loss_curve_equals_world_size_1(world):
 
 
 @pytest.mark.timeout(TEST_TIMEOUT)
+def test_regenerated_topology_equals_world_size_1(world):
+    """`topology="regenerate"` (no stored edge indices): initial weights, plans, forward, input and
+    parameter gradients, bytes and the SGD curve checked like the stored topology, for block and
+    random owners and both exchange modes; every one of those records must be there and pass."""
+    P, records = world
+    regen = {cat: [r for r in recs if "/regenerate" in r[0]] for cat, recs in records.items()}
+    n = len(sw.CASES) * 2 * 2 * P
+    for cat, per in (("init", 5), ("plan", 10), ("forward", 1), ("input_grad", 1), ("param_grad", 5), ("bytes", 3)):
+        assert_records(regen, cat, n * per)
+    assert_records(regen, "sgd", 2 * P)
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
 def test_layout_errors_inside_a_world(world):
     """lift_parallel not dividing the world size -> LayoutError naming both; bad names refused."""
     P, records = world

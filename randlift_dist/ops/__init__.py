@@ -29,6 +29,8 @@ Implementations, selected by `aggregate(..., impl=...)`:
   the batch inside the kernel; float32 / bfloat16 / float16 with fp32 accumulation; no atomics
   (bitwise reproducible). CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (tests). triton
   is imported on first use only.
+Regenerated topology (no stored edges; the plan draws them again chunk by chunk):
+`regenerated_aggregate` (`regen.py`), any dims and device.
 `auto` picks `triton` for CUDA tensors of those dtypes when triton imports; on CPU `csr` for
 float32/float64 scalar targets (`d_v = 1`) whose sources are scalar or whose batch is below 128,
 and `blocked` otherwise (bf16 included: MKL's CSR kernels take no bf16). Scratch buffers and chunk
@@ -38,5 +40,6 @@ Measurements and what was tried: `bench/kernels.py` (module doc).
 """
 from .csr import CSR
 from .kernels import aggregate, IMPLS
+from .regen import regenerated_aggregate
 
-__all__ = ["CSR", "aggregate", "IMPLS"]
+__all__ = ["CSR", "aggregate", "IMPLS", "regenerated_aggregate"]

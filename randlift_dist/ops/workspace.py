@@ -23,6 +23,9 @@ CHUNK_ELEMS = 1 << 21
 # On accelerators, bigger chunks (fewer kernel launches; the caching allocator makes them cheap).
 # Untested on a GPU so far: tune there.
 CHUNK_ELEMS_ACCEL = 1 << 25
+# Elements of one chunk's gathered buffers ([chunk edges, d, B]) in the regenerated-topology
+# kernel (`regen.py`): 8M fp32 elements (32 MiB), a few sampling blocks per chunk at d = 1.
+REGEN_CHUNK_ELEMS = 1 << 23
 # Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; six
 # slots, so at most ~6 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
 WS_CACHE_MAX = 1 << 23
