@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,51 @@ def _own_rows(net, key: str) -> np.ndarray:
     return np.asarray(own(vertex_of(key)), dtype=np.int64)
 
 
-def row_keys(net) -> dict[str, np.ndarray]:
-    """For every parameter name, the int64 global key of each of its rows on this rank."""
-    keys = {}
-    for i, e in enumerate(net.base.edges):
+def _edge_keys(net, e) -> np.ndarray:
+    """Keys `dst * n_u + src` of this rank's rows of edge parameter `e`. A regenerated edge's
+    keys are filled block range by block range (no edge list of the whole parameter)."""
+    n_u = net.lift.n(e.src)
+    plan = getattr(net, "plan", None)
+    ep = plan.edges[e.key] if plan is not None else None
+    if ep is None or ep.blocks is None:
         src, dst = net.edge_index(e.key)
-        keys[f"edges.{i}.weight"] = np.asarray(dst, np.int64) * net.lift.n(e.src) + np.asarray(src, np.int64)
-    for name in net.biases:
-        keys[f"biases.{name}"] = _own_rows(net, name)
-    for name in net.readouts:
-        keys[f"readouts.{name}"] = _own_rows(net, name)
-    return keys
+        return np.asarray(dst, np.int64) * n_u + np.asarray(src, np.int64)
+    ptr, nb = ep.blocks.edge_ptr, ep.blocks.blocks.size
+    out = np.empty(ep.n_edges, np.int64)
+    for i0 in range(0, nb, 64):
+        i1 = min(i0 + 64, nb)
+        src, dst = plan.block_global_edges(e.key, i0, i1)
+        np.multiply(dst, n_u, out=out[ptr[i0]:ptr[i1]])
+        out[ptr[i0]:ptr[i1]] += src
+    return out
+
+
+class RowKeys(Mapping):
+    """`{parameter name: int64 global key of each of its rows on this rank}`, computed when a
+    name is looked up and not kept: a checkpoint holds one parameter's keys at a time."""
+
+    def __init__(self, net):
+        self.net = net
+        self._edges = {f"edges.{i}.weight": e for i, e in enumerate(net.base.edges)}
+        self._names = list(self._edges) + [f"biases.{n}" for n in net.biases] + [f"readouts.{n}" for n in net.readouts]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._edges:
+            return _edge_keys(self.net, self._edges[name])
+        if name not in self._names:
+            raise KeyError(name)
+        return _own_rows(self.net, name.split(".", 1)[1])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def row_keys(net) -> RowKeys:
+    """For every parameter name, the int64 global key of each of its rows on this rank (lazy)."""
+    return RowKeys(net)
 
 
 def _all_gather_objects(obj: Any, group) -> list[Any]:
