@@ -211,12 +211,16 @@ def _draw_sources(rng: np.random.Generator, n_u: int, deg: np.ndarray, all_sourc
             out.append(picks[mask])
         return row, np.concatenate(out).astype(np.int64)
     # sparse branch: draw with replacement, redraw duplicates until none are left
+    # The key row * n_u + src fixes src, so sorting the keys themselves (no argsort, no
+    # gather; any sort algorithm gives the same array) yields the sources in (row, src) order.
     src = rng.integers(0, n_u, size=row.size, dtype=np.int64)
+    base = row * n_u
     while True:
-        order = np.argsort(row * n_u + src, kind="stable")
-        src = src[order]  # rows stay sorted: the key is row-major
+        key = base + src
+        key.sort()
+        np.subtract(key, base, out=src)  # rows stay sorted: the key is row-major
         dup = np.zeros(src.size, dtype=bool)
-        dup[1:] = (src[1:] == src[:-1]) & (row[1:] == row[:-1])
+        np.equal(key[1:], key[:-1], out=dup[1:])
         n_dup = int(dup.sum())
         if n_dup == 0:
             return row, src
