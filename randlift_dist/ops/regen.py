@@ -10,9 +10,9 @@ unit of the producer (a sampling block) is bigger.
 
 Per chunk, forward: scalar vertices (d_u = d_v = 1) on CPU in float32/float64 use MKL's CSR
 SpMM (int32 indices built for the chunk); otherwise the messages `w_e @ y[col]` are summed per
-row with `index_add_`. Backward: the output-gradient rows of the chunk's edges are gathered once
-and give the weight gradient (times the gathered sources) and the input gradient (times the
-weights, `index_add_` into the sources; on CPU a serial, deterministic sum; on CUDA atomic, so
+row with `scatter_add_`. Backward: the output-gradient rows of the chunk's edges are gathered
+once and give the weight gradient (times the gathered sources) and the input gradient (times the
+weights, `scatter_add_` into the sources; on CPU a serial, deterministic sum; on CUDA atomic, so
 not bitwise reproducible). Only y and w are saved. Memory: a few `[chunk edges, d, B]` buffers,
 bounded by `workspace.REGEN_CHUNK_ELEMS`; no per-edge array outlives its chunk.
 """
@@ -49,7 +49,15 @@ def _chunk_forward(y: torch.Tensor, w: torch.Tensor, row: torch.Tensor, col: tor
         ws.spmm(A, y.view(y.shape[0], B), out=out.view(r, B))
         return
     msg = torch.matmul(w, y.index_select(0, col))  # [m, d_v, B]
-    out.zero_().index_add_(0, row, msg)
+    _add_rows(out.zero_(), row, msg)
+
+
+def _add_rows(out: torch.Tensor, idx: torch.Tensor, msg: torch.Tensor) -> None:
+    """`out[idx[e]] += msg[e]` in edge order, as `scatter_add_` over rows flattened to 2-d: on CPU
+    a serial sum (deterministic), ~2x faster than `index_add_`, which adds row by row."""
+    n, m = out.shape[0], msg.shape[0]
+    flat = out.view(n, -1)
+    flat.scatter_add_(0, idx.unsqueeze(1).expand(m, flat.shape[1]), msg.reshape(m, flat.shape[1]))
 
 
 class _Regenerated(torch.autograd.Function):
@@ -89,7 +97,7 @@ class _Regenerated(torch.autograd.Function):
                     torch.matmul(g, yc.transpose(1, 2), out=gw[e0:e1])
                 del yc
             if want_y:
-                gy.index_add_(0, col, g.mul_(wc) if scalar else torch.matmul(wc.transpose(1, 2), g))
+                _add_rows(gy, col, g.mul_(wc) if scalar else torch.matmul(wc.transpose(1, 2), g))
         return gy, gw, None
 
 
