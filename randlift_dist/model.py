@@ -22,6 +22,7 @@ plan's parameter order.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -49,14 +50,37 @@ class BlockChunks:
         self.edge_ptr, self.row_ptr = ep.blocks.edge_ptr, ep.blocks.row_ptr
 
     def chunks(self, max_edges: int, device: torch.device):
+        """Yield `(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The next
+        run is drawn on a helper thread while the caller computes on this one (numpy's
+        generators and sorts release the GIL)."""
         ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
-        i0 = 0
+        spans, i0 = [], 0
         while i0 < nb:  # as many whole blocks as fit in max_edges, at least one
             i1 = max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + max_edges, side="right")) - 1)
-            row, col = self.plan.block_edges(self.key, i0, i1)
+            spans.append((i0, i1))
+            i0 = i1
+        pool = _drawing_pool() if len(spans) > 1 else None
+        nxt = None
+        for j, (i0, i1) in enumerate(spans):
+            row, col = nxt.result() if nxt is not None else self.plan.block_edges(self.key, i0, i1)
+            nxt = pool.submit(self.plan.block_edges, self.key, *spans[j + 1]) if pool and j + 1 < len(spans) else None
             yield (int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]),
                    torch.from_numpy(row).to(device), torch.from_numpy(col).to(device))
-            i0 = i1
+
+
+_POOL: dict = {}
+
+
+def _drawing_pool():
+    """One worker thread per process that draws the next run of blocks of a regenerated edge
+    (keyed by pid: a forked child gets its own, the parent's thread does not exist there)."""
+    pid = os.getpid()
+    if pid not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.clear()
+        _POOL[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="randlift-draw")
+    return _POOL[pid]
 
 
 class EdgeLayer(nn.Module):
