@@ -49,23 +49,27 @@ class BlockChunks:
         self.plan, self.key, self.n_rows = plan, key, ep.n_rows
         self.edge_ptr, self.row_ptr = ep.blocks.edge_ptr, ep.blocks.row_ptr
 
-    def chunks(self, max_edges: int, device: torch.device):
-        """Yield `(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The next
-        run is drawn on a helper thread while the caller computes on this one (numpy's
-        generators and sorts release the GIL)."""
+    def chunks(self, max_edges: int, prepare):
+        """Yield `prepare(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The
+        next run is drawn and prepared on a helper thread while the caller computes on this one
+        (numpy's generators and sorts release the GIL)."""
         ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
         spans, i0 = [], 0
         while i0 < nb:  # as many whole blocks as fit in max_edges, at least one
             i1 = max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + max_edges, side="right")) - 1)
             spans.append((i0, i1))
             i0 = i1
+
+        def make(i0: int, i1: int):
+            row, col = self.plan.block_edges(self.key, i0, i1)
+            return prepare(int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]), row, col)
+
         pool = _drawing_pool() if len(spans) > 1 else None
         nxt = None
-        for j, (i0, i1) in enumerate(spans):
-            row, col = nxt.result() if nxt is not None else self.plan.block_edges(self.key, i0, i1)
-            nxt = pool.submit(self.plan.block_edges, self.key, *spans[j + 1]) if pool and j + 1 < len(spans) else None
-            yield (int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]),
-                   torch.from_numpy(row).to(device), torch.from_numpy(col).to(device))
+        for j, span in enumerate(spans):
+            chunk = nxt.result() if nxt is not None else make(*span)
+            nxt = pool.submit(make, *spans[j + 1]) if pool and j + 1 < len(spans) else None
+            yield chunk
 
 
 _POOL: dict = {}

@@ -67,9 +67,11 @@ def test_float32_scalar_spmm_path_and_empty_rows():
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-5)
 
 
-def test_single_gradients_and_reruns_bitwise():
-    """Only the weight gradient, only the input gradient; two runs give the same bits."""
-    base, lift, _, b = pair("mixed")
+@pytest.mark.parametrize("name", ["mixed", "scalar"])
+def test_single_gradients_and_reruns_bitwise(name):
+    """Only the weight gradient, only the input gradient (vector and scalar paths); two runs
+    give the same bits."""
+    base, lift, _, b = pair(name)
     layer = b.edge_layer(("h1", "h2"))
     y = torch.randn(lift.n("h1"), base.dim("h1"), 5, dtype=torch.float64)
     w = layer.weight.detach().clone().requires_grad_()

@@ -2,23 +2,30 @@
 needed (by the plan, from the lift's counter-based streams) in the forward and again in the
 backward, and dropped after each chunk.
 
-`topology` is any object with `n_rows` (target rows) and `chunks(max_edges, device)`, an iterator
-of `(r0, r1, e0, e1, row, col)`: target rows `r0:r1` (consecutive chunks cover `0:n_rows` in
-order), whose edges are the parameter rows `e0:e1`, with `row` (int64, in `r0:r1`) and `col`
-(int64 rows of the source buffer) per edge. At most `max_edges` edges per chunk unless a single
-unit of the producer (a sampling block) is bigger.
+`topology` is any object with `n_rows` (target rows) and `chunks(max_edges, prepare)`, an
+iterator over chunks: target rows `r0:r1` (consecutive chunks cover `0:n_rows` in order), whose
+edges are the parameter rows `e0:e1`, with numpy int64 `row` (sorted, in `r0:r1`) and `col` (rows
+of the source buffer) per edge; it yields `prepare(r0, r1, e0, e1, row, col)`, and may call
+`prepare` on another thread (the plan's producer draws the next chunk while this one computes,
+so the index work below runs there too). At most `max_edges` edges per chunk unless a single unit
+of the producer (a sampling block) is bigger.
 
-Per chunk, forward: scalar vertices (d_u = d_v = 1) on CPU in float32/float64 use MKL's CSR
-SpMM (int32 indices built for the chunk); otherwise the messages `w_e @ y[col]` are summed per
-row with `scatter_add_`. Backward: the output-gradient rows of the chunk's edges are gathered
-once and give the weight gradient (times the gathered sources) and the input gradient (times the
-weights, `scatter_add_` into the sources; on CPU a serial, deterministic sum; on CUDA atomic, so
-not bitwise reproducible). Only y and w are saved. Memory: a few `[chunk edges, d, B]` buffers,
+Scalar vertices (d_u = d_v = 1) on CPU in float32/float64, per chunk: forward, MKL's CSR SpMM
+(the row pointer found by binary search in the sorted rows, int32 indices). Backward: the weight
+gradient from the gathered output-gradient and source rows; the input gradient as a CSR SpMM with
+the chunk's transposed structure over the sources it touches (sorted on the producer thread by
+sorting `col * m + edge` keys), added into those rows: deterministic, no atomics.
+Other dims and devices: the messages `w_e @ y[col]` summed per row with `scatter_add_`, and in
+the backward `scatter_add_` into the sources (on CPU a serial, deterministic sum; on CUDA atomic,
+so not bitwise reproducible). Only y and w are saved. Memory: a few `[chunk edges, d, B]` buffers,
 bounded by `workspace.REGEN_CHUNK_ELEMS`; no per-edge array outlives its chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 
 from . import workspace as ws
@@ -33,28 +40,65 @@ def _scalar_cpu(y: torch.Tensor, w: torch.Tensor) -> bool:
             and y.dtype in (torch.float32, torch.float64))
 
 
-def _chunk_forward(y: torch.Tensor, w: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                   out: torch.Tensor) -> None:
-    """`out[r] = sum over the chunk's edges (col -> r) of w_e @ y[col]`; `row` relative to out."""
-    r, B = out.shape[0], y.shape[2]
-    if col.numel() == 0:
+@dataclasses.dataclass
+class _Chunk:
+    """One chunk's indices, made on the producer's thread (numpy); `indptr` (rows relative to
+    r0) and the transposed structure only for the scalar CPU path."""
+
+    r0: int
+    r1: int
+    e0: int
+    e1: int
+    row: torch.Tensor  # int64 [m], absolute target rows
+    col: torch.Tensor  # int64 [m]
+    indptr: torch.Tensor | None = None  # int32 [r1 - r0 + 1]
+    col32: torch.Tensor | None = None  # int32 [m]
+    sources: torch.Tensor | None = None  # int64 [u], the distinct sources, ascending
+    t_indptr: torch.Tensor | None = None  # int32 [u + 1]
+    t_row: torch.Tensor | None = None  # int32 [m], relative target row of each edge, by source
+    perm: torch.Tensor | None = None  # int64 [m], edge of each transposed position
+
+
+def _index_type(n: int):
+    return np.int32 if n < 2**31 - 1 else np.int64
+
+
+def _preparer(scalar_cpu: bool, backward: bool, n_cols: int, device: torch.device):
+    def prepare(r0: int, r1: int, e0: int, e1: int, row: np.ndarray, col: np.ndarray) -> _Chunk:
+        c = _Chunk(r0, r1, e0, e1, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device))
+        m = row.size
+        if not scalar_cpu or m == 0:
+            return c
+        it = _index_type(max(n_cols, m))
+        if not backward:
+            c.indptr = torch.from_numpy(np.searchsorted(row, np.arange(r0, r1 + 1)).astype(it))
+            c.col32 = torch.from_numpy(col.astype(it))
+            return c
+        key = col * m + np.arange(m, dtype=np.int64)  # by source, then edge order: one sort of values
+        key.sort()
+        by_src = key // m
+        perm = key - by_src * m
+        starts = np.flatnonzero(np.concatenate(([True], by_src[1:] != by_src[:-1])))
+        c.sources = torch.from_numpy(by_src[starts])
+        c.t_indptr = torch.from_numpy(np.append(starts, m).astype(it))
+        c.t_row = torch.from_numpy((row[perm] - r0).astype(it))
+        c.perm = torch.from_numpy(perm)
+        return c
+    return prepare
+
+
+def _general_forward(y: torch.Tensor, w: torch.Tensor, c: _Chunk, out: torch.Tensor) -> None:
+    """`out[r] = sum over the chunk's edges (col -> r) of w_e @ y[col]`."""
+    if c.col.numel() == 0:
         out.zero_()
         return
-    if _scalar_cpu(y, w):
-        counts = torch.bincount(row, minlength=r)
-        indptr = torch.zeros(r + 1, dtype=torch.int64, device=row.device)
-        torch.cumsum(counts, 0, out=indptr[1:])
-        idx = torch.int32 if max(y.shape[0], col.numel()) < 2**31 - 1 else torch.int64
-        A = ws.csr_tensor(indptr.to(idx), col.to(idx), w.reshape(-1), (r, y.shape[0]))
-        ws.spmm(A, y.view(y.shape[0], B), out=out.view(r, B))
-        return
-    msg = torch.matmul(w, y.index_select(0, col))  # [m, d_v, B]
-    _add_rows(out.zero_(), row, msg)
+    msg = torch.matmul(w, y.index_select(0, c.col))  # [m, d_v, B]
+    _add_rows(out.zero_(), c.row - c.r0, msg)
 
 
 def _add_rows(out: torch.Tensor, idx: torch.Tensor, msg: torch.Tensor) -> None:
-    """`out[idx[e]] += msg[e]` in edge order, as `scatter_add_` over rows flattened to 2-d: on CPU
-    a serial sum (deterministic), ~2x faster than `index_add_`, which adds row by row."""
+    """`out[idx[e]] += msg[e]` in edge order, as `scatter_add_` over rows flattened to 2-d (on CPU
+    a serial sum: deterministic; `index_add_` adds row by row and is ~2x slower)."""
     n, m = out.shape[0], msg.shape[0]
     flat = out.view(n, -1)
     flat.scatter_add_(0, idx.unsqueeze(1).expand(m, flat.shape[1]), msg.reshape(m, flat.shape[1]))
@@ -63,12 +107,19 @@ def _add_rows(out: torch.Tensor, idx: torch.Tensor, msg: torch.Tensor) -> None:
 class _Regenerated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w, topology):
-        B = y.shape[2]
+        n_cols, B = y.shape[0], y.shape[2]
+        scalar = _scalar_cpu(y, w)
         z = y.new_empty(topology.n_rows, w.shape[1], B)
+        y2 = y.view(n_cols, -1)
         done = 0
-        for r0, r1, e0, e1, row, col in topology.chunks(_max_edges(w, B), y.device):
-            _chunk_forward(y, w[e0:e1], row - r0, col, z[r0:r1])
-            done = r1
+        for c in topology.chunks(_max_edges(w, B), _preparer(scalar, False, n_cols, y.device)):
+            out = z[c.r0:c.r1]
+            if scalar and c.col.numel():
+                A = ws.csr_tensor(c.indptr, c.col32, w[c.e0:c.e1].reshape(-1), (c.r1 - c.r0, n_cols))
+                ws.spmm(A, y2, out=out.view(c.r1 - c.r0, B))
+            else:
+                _general_forward(y, w[c.e0:c.e1], c, out)
+            done = c.r1
         if done != topology.n_rows:
             raise RuntimeError(f"regenerated topology covered rows 0:{done} of {topology.n_rows}")
         ctx.topology = topology
@@ -81,23 +132,34 @@ class _Regenerated(torch.autograd.Function):
         y, w = ctx.saved_tensors
         gz = gz.contiguous()
         want_y, want_w = ctx.needs_input_grad[:2]
+        n_cols, B = y.shape[0], y.shape[2]
+        scalar_cpu = _scalar_cpu(y, w)
+        scalar = w.shape[1] == 1 and w.shape[2] == 1
         gy = torch.zeros_like(y) if want_y else None
         gw = torch.empty_like(w) if want_w else None
-        scalar = w.shape[1] == 1 and w.shape[2] == 1
-        for r0, r1, e0, e1, row, col in ctx.topology.chunks(_max_edges(w, y.shape[2]), y.device):
-            if e1 == e0:
+        prepare = _preparer(scalar_cpu and want_y, True, n_cols, y.device)
+        for c in ctx.topology.chunks(_max_edges(w, B), prepare):
+            if c.e1 == c.e0:
                 continue
-            g = gz.index_select(0, row)  # [m, d_v, B]
-            wc = w[e0:e1]
+            wc = w[c.e0:c.e1]
+            g = gz.index_select(0, c.row) if (want_w or not scalar_cpu) else None  # [m, d_v, B]
             if want_w:
-                yc = y.index_select(0, col)  # [m, d_u, B]
+                yc = y.index_select(0, c.col)  # [m, d_u, B]
                 if scalar:
-                    torch.sum(g.mul_(yc) if not want_y else g * yc, dim=2, keepdim=True, out=gw[e0:e1])
+                    torch.sum(g * yc if want_y else g.mul_(yc), dim=2, keepdim=True, out=gw[c.e0:c.e1])
                 else:
-                    torch.matmul(g, yc.transpose(1, 2), out=gw[e0:e1])
+                    torch.matmul(g, yc.transpose(1, 2), out=gw[c.e0:c.e1])
                 del yc
-            if want_y:
-                _add_rows(gy, col, g.mul_(wc) if scalar else torch.matmul(wc.transpose(1, 2), g))
+            if not want_y:
+                continue
+            if scalar_cpu:  # the transposed chunk over the sources it touches, then into their rows
+                del g
+                At = ws.csr_tensor(c.t_indptr, c.t_row, wc.reshape(-1)[c.perm], (c.sources.numel(), c.r1 - c.r0))
+                part = ws.spmm(At, gz[c.r0:c.r1].view(c.r1 - c.r0, B))
+                gy2 = gy.view(n_cols, B)
+                gy2[c.sources] += part
+            else:
+                _add_rows(gy, c.col, g.mul_(wc) if scalar else torch.matmul(wc.transpose(1, 2), g))
         return gy, gw, None
 
 
