@@ -84,7 +84,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    ap.add_argument("--chunk-elems", type=int, default=None,
+                    help="ops.workspace.REGEN_CHUNK_ELEMS for this run (default: the library's)")
     args = ap.parse_args(argv)
+    if args.chunk_elems:
+        from randlift_dist.ops import workspace
+        workspace.REGEN_CHUNK_ELEMS = args.chunk_elems
     global CLOCK
     CLOCK = choose_clock(args.clock, args.threads)
     print(hardware_line())
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in nets["stored"].parameters())
     n_edges = nets["stored"].num_edges()
     print(f"lift: s = {args.size}, degree {args.degree:g}: {n_params / 1e6:.1f}M parameters, "
-          f"{n_edges / 1e6:.1f}M edges; batch {args.batch}, fp32, fused Adam")
+          f"{n_edges / 1e6:.1f}M edges; batch {args.batch}, fp32, fused Adam; regenerated chunks of "
+          f"{__import__('randlift_dist.ops.workspace', fromlist=['x']).REGEN_CHUNK_ELEMS} elements")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, base.in_dim, generator=g)
     target = torch.randn(args.batch, 1, generator=g)

@@ -10,11 +10,13 @@ of the source buffer) per edge; it yields `prepare(r0, r1, e0, e1, row, col)`, a
 so the index work below runs there too). At most `max_edges` edges per chunk unless a single unit
 of the producer (a sampling block) is bigger.
 
-Scalar vertices (d_u = d_v = 1) on CPU in float32/float64, per chunk: forward, MKL's CSR SpMM
-(the row pointer found by binary search in the sorted rows, int32 indices). Backward: the weight
-gradient from the gathered output-gradient and source rows; the input gradient as a CSR SpMM with
-the chunk's transposed structure over the sources it touches (sorted on the producer thread by
-sorting `col * m + edge` keys), added into those rows: deterministic, no atomics.
+Scalar vertices (d_u = d_v = 1) on CPU in float32/float64, per chunk of up to
+`workspace.REGEN_CHUNK_EDGES` edges: forward, MKL's CSR SpMM (the row pointer found by binary
+search in the sorted rows, int32 indices). Backward: the weight gradient as a sampled
+dense-dense product on the chunk's pattern (`sampled_addmm`: one dot product over the batch per
+edge, nothing gathered); the input gradient accumulated into the sources' rows by a CSR SpMM
+with the chunk's transposed structure (sorted on the producer thread by sorting `col * m + edge`
+keys). Deterministic, no atomics, no per-edge value buffers beyond the chunk's weights.
 Other dims and devices: the messages `w_e @ y[col]` summed per row with `scatter_add_`, and in
 the backward `scatter_add_` into the sources (on CPU a serial, deterministic sum; on CUDA atomic,
 so not bitwise reproducible). Only y and w are saved. Memory: a few `[chunk edges, d, B]` buffers,
@@ -24,6 +26,7 @@ bounded by `workspace.REGEN_CHUNK_ELEMS`; no per-edge array outlives its chunk.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -31,7 +34,11 @@ import torch
 from . import workspace as ws
 
 
-def _max_edges(w: torch.Tensor, B: int) -> int:
+def _max_edges(w: torch.Tensor, B: int, scalar_cpu: bool) -> int:
+    """Edges per chunk: the scalar CPU path holds only indices (~50 B per edge while a chunk is
+    prepared), the other path gathers `[edges, d, B]` values."""
+    if scalar_cpu:
+        return ws.REGEN_CHUNK_EDGES
     return max(1, ws.REGEN_CHUNK_ELEMS // (max(w.shape[1], w.shape[2]) * B))
 
 
@@ -53,8 +60,7 @@ class _Chunk:
     col: torch.Tensor  # int64 [m]
     indptr: torch.Tensor | None = None  # int32 [r1 - r0 + 1]
     col32: torch.Tensor | None = None  # int32 [m]
-    sources: torch.Tensor | None = None  # int64 [u], the distinct sources, ascending
-    t_indptr: torch.Tensor | None = None  # int32 [u + 1]
+    t_indptr: torch.Tensor | None = None  # int32 [n_cols + 1], over all sources
     t_row: torch.Tensor | None = None  # int32 [m], relative target row of each edge, by source
     perm: torch.Tensor | None = None  # int64 [m], edge of each transposed position
 
@@ -70,17 +76,16 @@ def _preparer(scalar_cpu: bool, backward: bool, n_cols: int, device: torch.devic
         if not scalar_cpu or m == 0:
             return c
         it = _index_type(max(n_cols, m))
+        c.indptr = torch.from_numpy(np.searchsorted(row, np.arange(r0, r1 + 1)).astype(it))
+        c.col32 = torch.from_numpy(col.astype(it))
         if not backward:
-            c.indptr = torch.from_numpy(np.searchsorted(row, np.arange(r0, r1 + 1)).astype(it))
-            c.col32 = torch.from_numpy(col.astype(it))
             return c
         key = col * m + np.arange(m, dtype=np.int64)  # by source, then edge order: one sort of values
         key.sort()
-        by_src = key // m
-        perm = key - by_src * m
-        starts = np.flatnonzero(np.concatenate(([True], by_src[1:] != by_src[:-1])))
-        c.sources = torch.from_numpy(by_src[starts])
-        c.t_indptr = torch.from_numpy(np.append(starts, m).astype(it))
+        perm = key % m
+        t_indptr = np.zeros(n_cols + 1, dtype=it)
+        np.cumsum(np.bincount(col, minlength=n_cols), out=t_indptr[1:])
+        c.t_indptr = torch.from_numpy(t_indptr)
         c.t_row = torch.from_numpy((row[perm] - r0).astype(it))
         c.perm = torch.from_numpy(perm)
         return c
@@ -112,7 +117,7 @@ class _Regenerated(torch.autograd.Function):
         z = y.new_empty(topology.n_rows, w.shape[1], B)
         y2 = y.view(n_cols, -1)
         done = 0
-        for c in topology.chunks(_max_edges(w, B), _preparer(scalar, False, n_cols, y.device)):
+        for c in topology.chunks(_max_edges(w, B, scalar), _preparer(scalar, False, n_cols, y.device)):
             out = z[c.r0:c.r1]
             if scalar and c.col.numel():
                 A = ws.csr_tensor(c.indptr, c.col32, w[c.e0:c.e1].reshape(-1), (c.r1 - c.r0, n_cols))
@@ -134,32 +139,33 @@ class _Regenerated(torch.autograd.Function):
         want_y, want_w = ctx.needs_input_grad[:2]
         n_cols, B = y.shape[0], y.shape[2]
         scalar_cpu = _scalar_cpu(y, w)
-        scalar = w.shape[1] == 1 and w.shape[2] == 1
         gy = torch.zeros_like(y) if want_y else None
         gw = torch.empty_like(w) if want_w else None
-        prepare = _preparer(scalar_cpu and want_y, True, n_cols, y.device)
-        for c in ctx.topology.chunks(_max_edges(w, B), prepare):
+        if scalar_cpu:
+            y2, gy2 = y.view(n_cols, B), (gy.view(n_cols, B) if want_y else None)
+        prepare = _preparer(scalar_cpu, want_y, n_cols, y.device)
+        for c in ctx.topology.chunks(_max_edges(w, B, scalar_cpu), prepare):
             if c.e1 == c.e0:
                 continue
             wc = w[c.e0:c.e1]
-            g = gz.index_select(0, c.row) if (want_w or not scalar_cpu) else None  # [m, d_v, B]
+            if scalar_cpu:
+                r, gzc = c.r1 - c.r0, gz[c.r0:c.r1].view(c.r1 - c.r0, B)
+                if want_w:  # per edge: gz[row] . y[col] over the batch (zeros: NaN in the pattern would spread)
+                    pattern = ws.csr_tensor(c.indptr, c.col32, wc.new_zeros(wc.numel()), (r, n_cols))
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        gw[c.e0:c.e1].view(-1).copy_(torch.sparse.sampled_addmm(pattern, gzc, y2.t(), beta=0.0).values())
+                if want_y:  # gy += A^T gz with the chunk's transposed structure over all sources
+                    At = ws.csr_tensor(c.t_indptr, c.t_row, wc.reshape(-1)[c.perm], (n_cols, r))
+                    gy2.addmm_(At, gzc)
+                continue
+            g = gz.index_select(0, c.row)  # [m, d_v, B]
             if want_w:
                 yc = y.index_select(0, c.col)  # [m, d_u, B]
-                if scalar:
-                    torch.sum(g * yc if want_y else g.mul_(yc), dim=2, keepdim=True, out=gw[c.e0:c.e1])
-                else:
-                    torch.matmul(g, yc.transpose(1, 2), out=gw[c.e0:c.e1])
+                torch.matmul(g, yc.transpose(1, 2), out=gw[c.e0:c.e1])
                 del yc
-            if not want_y:
-                continue
-            if scalar_cpu:  # the transposed chunk over the sources it touches, then into their rows
-                del g
-                At = ws.csr_tensor(c.t_indptr, c.t_row, wc.reshape(-1)[c.perm], (c.sources.numel(), c.r1 - c.r0))
-                part = ws.spmm(At, gz[c.r0:c.r1].view(c.r1 - c.r0, B))
-                gy2 = gy.view(n_cols, B)
-                gy2[c.sources] += part
-            else:
-                _add_rows(gy, c.col, g.mul_(wc) if scalar else torch.matmul(wc.transpose(1, 2), g))
+            if want_y:
+                _add_rows(gy, c.col, torch.matmul(wc.transpose(1, 2), g))
         return gy, gw, None
 
 

@@ -26,6 +26,10 @@ CHUNK_ELEMS_ACCEL = 1 << 25
 # Elements of one chunk's gathered buffers ([chunk edges, d, B]) in the regenerated-topology
 # kernel (`regen.py`): 8M fp32 elements (32 MiB), a few sampling blocks per chunk at d = 1.
 REGEN_CHUNK_ELEMS = 1 << 23
+# Edges per chunk on its scalar CPU path, which holds no per-edge values: its index arrays (~50 B
+# per edge while prepared, twice with the chunk drawn ahead) and one pass over the source rows
+# per chunk in the backward (so chunks should not be much smaller than a fibre).
+REGEN_CHUNK_EDGES = 1 << 20
 # Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; six
 # slots, so at most ~6 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
 WS_CACHE_MAX = 1 << 23
