@@ -21,6 +21,7 @@ plan's parameter order.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 
@@ -51,8 +52,8 @@ class BlockChunks:
 
     def chunks(self, max_edges: int, prepare):
         """Yield `prepare(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The
-        next run is drawn and prepared on a helper thread while the caller computes on this one
-        (numpy's generators and sorts release the GIL)."""
+        next `_DRAW_AHEAD` runs are drawn and prepared on helper threads while the caller computes
+        on this one (numpy's generators and sorts release the GIL)."""
         ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
         spans, i0 = [], 0
         while i0 < nb:  # as many whole blocks as fit in max_edges, at least one
@@ -64,26 +65,29 @@ class BlockChunks:
             row, col = self.plan.block_edges(self.key, i0, i1)
             return prepare(int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]), row, col)
 
-        pool = _drawing_pool() if len(spans) > 1 else None
-        nxt = None
+        if len(spans) == 1:
+            yield make(*spans[0])
+            return
+        pool, ahead = _drawing_pool(), collections.deque()
         for j, span in enumerate(spans):
-            chunk = nxt.result() if nxt is not None else make(*span)
-            nxt = pool.submit(make, *spans[j + 1]) if pool and j + 1 < len(spans) else None
-            yield chunk
+            while len(ahead) < _DRAW_AHEAD and j + len(ahead) < len(spans):
+                ahead.append(pool.submit(make, *spans[j + len(ahead)]))
+            yield ahead.popleft().result()
 
 
 _POOL: dict = {}
+_DRAW_AHEAD = 2  # runs of blocks drawn ahead, by as many threads
 
 
 def _drawing_pool():
-    """One worker thread per process that draws the next run of blocks of a regenerated edge
-    (keyed by pid: a forked child gets its own, the parent's thread does not exist there)."""
+    """The threads that draw the next runs of blocks of a regenerated edge, one pool per process
+    (keyed by pid: a forked child gets its own, the parent's threads do not exist there)."""
     pid = os.getpid()
     if pid not in _POOL:
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL.clear()
-        _POOL[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="randlift-draw")
+        _POOL[pid] = ThreadPoolExecutor(max_workers=_DRAW_AHEAD, thread_name_prefix="randlift-draw")
     return _POOL[pid]
 
 
