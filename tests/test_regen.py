@@ -6,6 +6,8 @@ no per-edge array; the trainer resumes across topologies."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,3 +126,18 @@ def test_trainer_resumes_across_topologies_and_ranks(tmp_path):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert max(a) == 40
     assert_curves_match(a, b, rtol=1e-5)
+
+
+def test_estimator_models_regenerated_topology():
+    """No index bytes, keys in order at checkpoints, and a smaller peak than the stored topology
+    (whose indices outweigh the parameters at d = 1)."""
+    from randlift_dist.config import load_config
+    from randlift_dist.estimate import estimate
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_d1_regen.yaml")
+    stored = estimate(load_config(cfg, ["model.topology=stored"]))
+    regen = estimate(load_config(cfg))
+    assert stored["indices_bytes"] > 40 * stored["params"]
+    assert regen["indices_bytes"] < 0.01 * regen["params"]
+    assert regen["peak_bytes_per_rank"] < 0.5 * stored["peak_bytes_per_rank"]
+    assert 16 < regen["bytes_per_param"] < 26
