@@ -119,7 +119,9 @@ def _collect(engine):
     """This rank's rows sorted by key, one parameter at a time (a generator, so only one
     parameter's key-ordered copies exist at once): `(name, (keys [n], value [n, *row],
     {moment: [n, *row]}))`. Collective (ZeRO moments): every rank drains it. Rows already in key
-    order are not copied."""
+    order are not copied. The consumer still holds the previous entry while the next one is made:
+    its moments dict is emptied first (the copies go), so the consumer must be done with an
+    entry when it asks for the next (`export.write_rows` is)."""
     keys = row_keys(engine.net)
     for name, p in engine.net.named_parameters():
         k = keys[name]
@@ -127,6 +129,7 @@ def _collect(engine):
             lambda t, idx=torch.from_numpy(np.argsort(k, kind="stable")): t[idx])  # timsort: O(n) on sorted runs
         moments = {m: pick(v.detach().float().cpu()) for m, v in sorted(engine.moments(p).items())}
         yield name, (pick(torch.from_numpy(k)).numpy(), pick(engine.master_weight(p).detach().float().cpu()), moments)
+        moments.clear()
 
 
 def _data_fingerprint(cfg) -> dict[str, Any]:
