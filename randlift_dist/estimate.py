@@ -11,8 +11,10 @@ reported. Notation: m edges of base edge e = (u, v) on the rank, N its parameter
 of fibre v, B the micro-batch, es the bytes of a value (4 fp32, 2 bf16), s = d_v x d_u.
 
 Persistent terms (held from the first step on):
-- weights N x es; gradients N x es (`zero_grad(set_to_none=False)` keeps them; ZeRO-2: / D plus
-  DeepSpeed's reduce bucket); optimizer state: Adam's two fp32 moments (8 B / param, SGD momentum
+- weights N x es; gradients N x es (DeepSpeed keeps them; ZeRO-2: / D plus its reduce bucket; the
+  torch engine holds them from the backward to the optimizer step only: set to None between
+  steps, so evaluation and checkpoints run without them, and the backward makes them one edge at
+  a time, see below); optimizer state: Adam's two fp32 moments (8 B / param, SGD momentum
   4 B), / D from ZeRO-1; master weights: DeepSpeed's fp32 copy (4 B / param, / D from ZeRO-1)
   for bf16 or ZeRO >= 1. Offload moves master, moments and the fp32 gradient partition to the
   host (`host_bytes_per_rank`).
@@ -29,34 +31,49 @@ Persistent terms (held from the first step on):
   `CPU_BASELINE`), or the CUDA context + NCCL buffers on a GPU (assumed 1 GiB, not measured).
 
 Phases (the tensors alive on top of the persistent terms):
-- backward: the activations saved for it (per non-input vertex its output `[n_v, d, B]`, plus its
-  pre-activation when the nonlinearity saves its input: gelu; the kernels save only y and w),
+- backward: saved for it are, per non-input vertex, its output `[n_v, d, B]` and its
+  pre-activation when the nonlinearity saves its input (gelu; the kernels save only y and w), and
   the halo each exchanging edge received (all-to-all: halo rows x d_u x B; all-gather: L x
-  max_own rows); three activation-sized gradients; the largest edge's weight gradient before it
-  is added to `.grad` (x 2 plus a slice for a split local / remote weight: each slice's backward
-  gives a full-size zero-filled gradient) and the halo's gradient buffers; the CSR kernel's
-  backward copies (3 value arrays and an index array per scalar weight).
-- optimizer: torch engine on CPU: the gradient norm's float64 copy and square of one chunk of
-  2**20 values (2 x 8 MiB; fused Adam needs no temporaries); with D > 1 the flat all-reduce
-  buffer (4 B / param). Torch's foreach Adam on GPUs: a sqrt of every moment (4 B / param). DeepSpeed: the step's fp32
-  gradient partition and that sqrt (4 B each / param / D; none with offload).
-- eval: the `no_grad` test forward in chunks of min(micro-batch or 1024, n_test / D) (every vertex's output is
-  kept until the readout) and the largest halo at that batch.
+  max_own rows). The torch engine's backward is walked in reverse vertex order: a vertex's saved
+  tensors go when its gradient reaches it, an edge's halo once the edge's gradient is made, and
+  each weight gradient stays (as `.grad`: the kernel's tensor is handed over, no copy, except in
+  later micro-batches, which start with every gradient made and add each edge's into it); the
+  peak is the largest moment, the tensors alive then plus the gradients made so far (the rest of
+  the gradients term is credited back). At each edge: three activation-sized gradients, the
+  edge's temporaries: a split local / remote weight (exchanging edges) gets a full-size
+  zero-filled gradient per slice from the kernel's slice gradient (one becomes `.grad`, the other
+  is added to it), the halo's gradient buffers (received, sent, and on CPU gloo's flat copy), the
+  CSR kernel's backward copies (3 value arrays and an index array per scalar weight). DeepSpeed:
+  everything saved plus the largest edge's temporaries, with every gradient held.
+- optimizer: torch engine: the gradient norm's float64 buffer of one chunk of 2**20 values
+  (8 MiB; fused Adam, on CPU and GPU, needs no temporaries); with D > 1 the flat all-reduce
+  buffer (4 B / param). DeepSpeed: the step's fp32 gradient partition and torch's foreach sqrt
+  of the moments (4 B each / param / D; none with offload).
+- eval: the `no_grad` test forward in chunks of min(micro-batch or 1024, n_test / D): every
+  vertex's output (kept until the readout), two partial sums, and at an exchange the received,
+  sent and (CPU) gloo-copied halo. Torch engine: no gradients then (credited).
 - checkpoint (the run's last step at least): int64 row keys (8 B / row, and the edge index of the
   largest edge while it is derived); rows not in key order (exchanging edges hold local rows
-  first) are gathered in key order one parameter at a time: the largest such parameter's fp32
-  value and moments, the order, the sorted keys. On GPUs
-  this is host memory, except one tensor's fp32 copies.
+  first) are gathered in key order one parameter at a time (edges, biases, readouts): a
+  parameter's fp32 value and moments, the order, the sorted keys, while the writer still holds
+  the previous parameter's value and last moment (`checkpoint._collect`). Torch engine: no
+  gradients then (credited). On GPUs this is host memory, except one tensor's fp32 copies.
+- regenerated topology, backward per edge: the source-sized input gradient, the chunks of edges in
+  flight (the one computed and the `DRAW_AHEAD` being drawn, ~64 B of indices per edge) and the
+  scalar CPU path's sampled and permuted weight values (8 B / edge), or three gathered
+  `[chunk edges, d, B]` buffers; an exchanging edge saves its own and received rows as one buffer.
 - setup (no gradients or moments yet): the edges built so far plus, for the edge being built, its
   per-block arrays and their concatenation (2 x (16 + 4 s) B / edge) or, at L > 1, the weight
   permutation and `split_edges` arrays (4 s + 48 B / edge), and the partition's draws (32 B / row).
 
-Allocator (why phases add up on CPU): glibc serves tensors below its mmap threshold (32 MiB at
-most) from the heap and keeps the freed blocks resident; blocks freed by one phase are reused by
-the next only in part (other sizes, fragmentation between held blocks). So on CPU the peak keeps
-the small tensors of the phases (`allocator_kept`: midway between full reuse, the largest phase,
-and none, their sum; measured within 10 % of both, see docs/scale.md), and adds the largest
-phase's big tensors (`transient`, mapped and unmapped).
+Allocator (CPU): the training CLI fixes glibc's mmap threshold at 4 MiB (`train.limit_heap`; by
+default glibc raises it up to 32 MiB and then keeps freed activations and gradients in heaps it
+reuses only in part: +0.4 GB per rank, varying between runs, on a 2-rank 52M lift). Tensors of
+4 MiB or more are mapped and unmapped (`transient`: the largest phase's); smaller ones are served
+from the heap, which keeps freed blocks resident, reused by the next phase only in part
+(`allocator_kept`: midway between full reuse, the largest phase's small tensors, and none, their
+sum; a few MB at d = 16). The model is of the CLI: a process that builds a `Trainer` itself runs
+with glibc's default threshold.
 On GPUs the caching allocator reuses freed blocks: the peak adds the largest phase.
 `peak_bytes_per_rank` = the sum of the parts, or the setup peak when that is larger.
 
@@ -93,10 +110,15 @@ CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed
 # the kernels' chunk and workspace sizes, and when the CSR path's backward is fused
 CHUNK_CPU, CHUNK_GPU, WS_CACHE_MAX = _workspace.CHUNK_ELEMS, _workspace.CHUNK_ELEMS_ACCEL, _workspace.WS_CACHE_MAX
 FUSED_MIN_BATCH, FUSED_MIN_SCALAR = _kernels._FUSED_MIN_BATCH, _kernels._FUSED_MIN_SCALAR_ELEMS
+# regenerated topology (`ops/regen.py`): chunk sizes, runs drawn ahead, index bytes per chunk edge
+REGEN_CHUNK_EDGES, REGEN_CHUNK_ELEMS = _workspace.REGEN_CHUNK_EDGES, _workspace.REGEN_CHUNK_ELEMS
+DRAW_AHEAD = 2  # model._DRAW_AHEAD (model.py is above this module's imports)
+REGEN_IDX_BYTES = 64  # row, col, sort key, permutation (int64), int32 copies, the sampler's arrays
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
 EVAL_CHUNK = 1024  # Engine.sum_squared_error without micro-batches
 NORM_CHUNK = 1 << 20  # values per float64 chunk of engine.grad_norm
-MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold: smaller freed blocks stay in the heap
+# glibc's mmap threshold, fixed by the training CLI (`train.limit_heap`): smaller freed blocks stay in the heap
+MMAP_THRESHOLD = 4 << 20
 PARTS = ("baseline", "weights", "gradients", "optimizer_state", "master_weights", "indices", "shard_arrays",
          "workspaces", "data", "allocator_kept", "transient")
 
@@ -191,7 +213,7 @@ def estimate(cfg: Config, world_size: int | None = None, device: str | None = No
 
 def _split(sizes: list[float]) -> tuple[float, float]:
     """`(small, big)`: bytes of tensors below / above the mmap threshold."""
-    small = sum(x for x in sizes if x < MMAP_MAX)
+    small = sum(x for x in sizes if x < MMAP_THRESHOLD)
     return small, sum(sizes) - small
 
 
@@ -200,14 +222,16 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     ds = par.engine == "deepspeed"
     cpu = device == "cpu"
     Bm = tr.micro_batch_size or B  # activations live for one micro-batch
+    regen = cfg.model.topology == "regenerate"  # no stored indices (see the module doc)
+    accumulate = cfg.micro_batches(D) > 1  # later micro-batches add their weight gradients to .grad
     moments = {"adam": 2, "adamw": 2, "sgd": 1 if tr.momentum > 0 else 0}[tr.optimizer]
     tensors = [rows[v][r] * base.dim(v) for v in base.vertices if base.vertices[v].bias]
     tensors += [rows[t][r] * out_dim * base.dim(t) for t in base.outputs]
     keys = [rows[v][r] for v in base.vertices if base.vertices[v].bias] + [rows[t][r] for t in base.outputs]
     sorted_rows = [True] * len(keys)  # parameter rows already in checkpoint key order
     idx = sent = 0.0
-    bwd_tmp: list[list[float]] = []  # candidates: the temporaries of one edge's backward
-    halos: list[float] = []  # halo buffers the remote aggregates save
+    bwd_tmp: dict[Any, list[float]] = {}  # per edge: the temporaries of its backward
+    halos: dict[Any, float] = {}  # per exchanging edge: the halo buffer its remote aggregate saves
     halo_row_bytes = 0.0  # the largest halo buffer per sample
     setup_held = setup = 0.0
     setup_small: list[list[float]] = []  # per edge: its per-block arrays
@@ -220,42 +244,61 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
         s = d_v * d_u
         tensors.append(m * s)
         keys.append(m)
-        sorted_rows.append(not exch[e.key])
+        sorted_rows.append(not exch[e.key] or regen)
         kernel = cfg.model.impl
         if kernel not in ("csr", "blocked", "reference"):
             kernel = "csr" if d_v == 1 and cpu else "blocked"
         small = Bm * max(d_u, d_v) < s
-        tmp = [m * s * es]  # the kernel's weight gradient, before it is added to .grad
+        # the kernel's weight gradient becomes .grad as it is (the torch engine sets them to None
+        # between steps; DeepSpeed's hooks copy it), or is added to .grad (later micro-batches)
+        tmp = [m * s * es] if (accumulate or ds) else []
         if exch[e.key]:
             m_loc = m * own_u / n_u
             halo = st["halo_rows_per_rank"][r]
             ag = modes[e.key] == "allgather"
             cols_rem = L * max(rows[u]) if ag else halo
-            idx += _index_bytes(m_loc, n_v, own_u, d_u, kernel, Bm, small, True)
-            idx += _index_bytes(m - m_loc, n_v, cols_rem, d_u, kernel, Bm, small, True)
+            if not regen:
+                idx += _index_bytes(m_loc, n_v, own_u, d_u, kernel, Bm, small, True)
+                idx += _index_bytes(m - m_loc, n_v, cols_rem, d_u, kernel, Bm, small, True)
             sent_rows = (L - 1) * max(rows[u]) if ag else halo  # by symmetry: what peers need from us
             sent += sent_rows * d_u * B * es
-            halos.append(cols_rem * d_u * Bm * es)
+            # regenerated: own and received rows concatenated into one saved source buffer
+            halos[e.key] = (cols_rem + (own_u if regen else 0)) * d_u * Bm * es
             halo_row_bytes = max(halo_row_bytes, cols_rem * d_u * es)
-            # each slice's backward gives a full-size zero-filled gradient; the halo's gradient buffers
-            tmp = [m * s * es, m * s * es, max(m_loc, m - m_loc) * s * es,
-                   sent_rows * d_u * Bm * es, cols_rem * d_u * Bm * es]
-            setup_tmp = m * (s * 4 + 48)
-        else:
+            # each slice's backward gives a full-size zero-filled gradient (one becomes .grad, the other
+            # is added to it) from the kernel's gradient of the slice; the halo's gradient buffers
+            # (received, sent, and on CPU gloo's flat copy of the sent one)
+            tmp += [m * s * es, max(m_loc, m - m_loc) * s * es, sent_rows * d_u * Bm * es]
+            tmp += [cols_rem * d_u * Bm * es] * (2 if cpu else 1)
+            setup_tmp = m * (s * 4 + 48) if not regen else 0.0
+        elif not regen:
             idx += _index_bytes(m, n_v, n_u, d_u, kernel, Bm, small, base.vertices[u].role != "input")
             setup_tmp = 0.0
+        else:
+            setup_tmp = 0.0
+        n_blocks = max(1, math.ceil(n_v / lift.block_size))
+        if regen:  # two offsets per block; in the backward the source-sized input gradient and the
+            # chunks in flight: indices (~REGEN_IDX_BYTES per edge, the current one and those drawn
+            # ahead) and, on the scalar CPU path, sampled and permuted weight values (8 B / edge),
+            # else three gathered `[edges, d, B]` buffers of at most REGEN_CHUNK_ELEMS values
+            idx += 16 * (n_blocks + 1)
+            scalar_cpu = s == 1 and cpu and es in (4, 8)
+            c = min(m, REGEN_CHUNK_EDGES if scalar_cpu else max(1, REGEN_CHUNK_ELEMS // (max(d_u, d_v) * Bm)))
+            src_rows = (own_u + cols_rem) if exch[e.key] else n_u
+            tmp += [src_rows * d_u * Bm * es] + [c * REGEN_IDX_BYTES] * (1 + DRAW_AHEAD)
+            tmp += [8 * c] if scalar_cpu else [c * max(d_u, d_v) * Bm * es] * 3
+            kernel = "regenerate"
         if kernel == "csr":  # transposed values, the sampled pattern's zeros and values, index copies
             tmp += [m * d_u * es] * 3 + [m * d_u * 4]
         elif kernel == "blocked":
             ws_slots = max(ws_slots, m * max(d_u * Bm, d_v * Bm, s))
             ws_out = max(ws_out, n_v * d_v * Bm, n_u * d_u * Bm)
-        bwd_tmp.append(tmp)
+        bwd_tmp[e.key] = tmp
         # setup: this edge's per-block arrays and their concatenation on top of the edges built so far
-        per_edge = 16 + 4 * s
-        setup = max(setup, setup_held + max(2 * m * per_edge, setup_tmp))
-        n_blocks = max(1, math.ceil(n_v / lift.block_size))
+        per_edge = (0 if regen else 16) + 4 * s  # regenerated: weights only, drawn block by block
+        setup = max(setup, setup_held + max((1 if regen else 2) * m * per_edge, setup_tmp))
         setup_small.append([m * per_edge / n_blocks] * n_blocks)
-        setup_held += m * s * 4 + 16 * m + 8 * n_v
+        setup_held += m * s * 4 + (0 if regen else 16 * m + 8 * n_v)
     N = sum(tensors)
     # ---- ownership arrays: none for `block` (ranges); graph / random: owner int32 + position int64
     shard = 0.0
@@ -282,45 +325,84 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     if ds and par.offload_optimizer:  # master, moments and the fp32 gradient partition on the host
         host, opt, master = opt + master + 4 * N / shard_os, 0.0, 0.0
     # ---- phases: the tensors alive on top of the persistent terms
-    acts, act_max = [], 0.0
+    acts, act_max = {}, 0.0
     for v in base.order:
         vx = base.vertices[v]
         if vx.role == "input":
             continue
         a = rows[v][r] * vx.dim * Bm * es
-        acts += [a] * (2 if vx.activation == "gelu" else 1)
+        acts[v] = [a] * (2 if vx.activation == "gelu" else 1)
         act_max = max(act_max, a)
-    backward = acts + halos + [act_max] * 3 + max(bwd_tmp, key=sum, default=[]) + [ws_tmp]
+    grad_of = {e.key: t * es for e, t in zip(base.edges, tensors[len(tensors) - len(base.edges):])}
+    if ds:  # gradients held throughout: all saved tensors and the largest edge's temporaries
+        backward = [x for a in acts.values() for x in a] + list(halos.values()) + [act_max] * 3 + \
+            max(bwd_tmp.values(), key=sum, default=[]) + [ws_tmp]
+        grads_at_peak = grads
+    else:  # the backward walks the vertices in reverse: a vertex's saved tensors go before its
+        # in-edges' gradients are computed, an edge's halo once its gradient is made, and each weight
+        # gradient stays as .grad; the peak is the largest moment (usually the first edges)
+        # (later micro-batches start with every gradient made and add each edge's into it)
+        live_a, live_h, done = dict(acts), dict(halos), (sum(grad_of.values()) if accumulate else 0.0)
+        backward, grads_at_peak = [], 0.0
+        for v in reversed(base.order):
+            if v not in acts:
+                continue
+            del live_a[v]
+            for e in base.in_edges(v):  # while its gradient is made (counted with the gradients)
+                done += 0.0 if accumulate else grad_of[e.key]
+                now = [x for a in live_a.values() for x in a] + list(live_h.values()) + [act_max] * 3 + \
+                    bwd_tmp[e.key] + [ws_tmp]
+                if sum(now) + done > sum(backward) + grads_at_peak:
+                    backward, grads_at_peak = now, done
+                live_h.pop(e.key, None)
     if ds:  # the step's fp32 gradient partition and torch's foreach sqrt of the second moments
         optimizer = [] if par.offload_optimizer else [4 * N / shard_os] * (2 if master else 1)
-    elif cpu:  # the gradient norm's float64 copy and square of one chunk; fused Adam: no temporaries
-        optimizer = [8 * min(max(tensors), NORM_CHUNK)] * 2 + ([4 * N] if D > 1 else [])
-    else:  # torch's foreach Adam: a sqrt of every second moment
-        optimizer = [4 * N] + ([4 * N] if D > 1 else [])
+    else:  # the gradient norm's float64 buffer of one chunk, the data-parallel flat all-reduce
+        # buffer; the torch engine's Adam is fused (no temporaries, on CPU and GPU)
+        optimizer = [8 * min(max(tensors), NORM_CHUNK)] + ([4 * N] if D > 1 else [])
     B_eval = min(cfg.train.micro_batch_size or EVAL_CHUNK, max(1, d.n_test // D)) if d.n_test else 0
-    evaluation = [rows[v][r] * base.dim(v) * B_eval * es for v in base.vertices
-                  if base.vertices[v].role != "input"] + [ws_tmp, halo_row_bytes * B_eval]
+    # every vertex's output (kept until the readout), two partial sums, and an exchange: received,
+    # sent and (CPU) gloo's flat copy of the received rows
+    out_eval = [rows[v][r] * base.dim(v) * B_eval * es for v in base.vertices if base.vertices[v].role != "input"]
+    evaluation = out_eval + [max(out_eval, default=0.0)] * 2 + [ws_tmp] + \
+        [halo_row_bytes * B_eval] * (3 if cpu else 2) if halo_row_bytes else out_eval + [ws_tmp]
     # checkpoint: every parameter's int64 row keys; rows not in key order (an exchanging edge's local
     # rows come first) are gathered into key order: fp32 value and moments, sorted keys, the order
     # one parameter at a time (checkpoint._collect is a generator): the largest one's copies
-    checkpoint = [8 * x for x in keys] + [8 * max(keys)] * 2
-    copies = [[4 * x] * (1 + moments) + [8 * n_rows] * 2 for x, n_rows, srt in zip(tensors, keys, sorted_rows)
-              if not srt]
-    checkpoint += max(copies, key=sum, default=[])
+    # While the next entry is made the writer still holds the previous one's value and, through the
+    # views in `export.write_rows`' loop variables, its last moment (the moments dict is emptied);
+    # parameters come in `named_parameters` order: edges, biases, readouts.
+    # Row keys are made per parameter when it is written (`export.row_keys` is lazy): the largest
+    # edge's keys and, stored, its edge index while they are derived (src, dst, dst * n_u: 3 x 8 B /
+    # edge; regenerated edges are keyed block range by block range)
+    edge_keys = keys[len(keys) - len(base.edges):]
+    checkpoint = [8 * max(keys)] + ([] if regen else [8 * max(edge_keys, default=0)] * 3)
+    n_vec = len(tensors) - len(base.edges)
+    in_order = list(zip(tensors, keys, sorted_rows))
+    in_order = in_order[n_vec:] + in_order[:n_vec]
+    copies, held = [], []
+    for x, n_rows, srt in in_order:
+        if not srt:
+            copies = max(copies, held + [4 * x] * (1 + moments) + [8 * n_rows] * 2, key=sum)
+        held = [] if srt else [4 * x] * min(2, 1 + moments)
+    checkpoint += copies
     if not cpu:  # gathered in host memory: on the device only one tensor's fp32 copies at a time
         checkpoint = [4 * max(tensors)] * (1 + moments)
     phases = {"setup": max(setup_small, key=lambda x: _split(x)[0], default=[]), "backward": backward, "optimizer": optimizer,
               "eval": evaluation, "checkpoint": checkpoint}
     split = {k: _split(x) for k, x in phases.items()}
+    # the torch engine holds no gradients between steps: evaluation and checkpoints run in their room
+    credit = {k: (0.0 if ds or k not in ("eval", "checkpoint") else grads) for k in phases}
+    credit["backward"] = grads - grads_at_peak  # the weight gradients not made yet at its peak
     if cpu:  # the heap keeps what each phase freed below the mmap threshold; big tensors come and go
         smalls = [small for small, _ in split.values()]
         kept = (max(smalls) + sum(smalls)) / 2  # between full reuse (the largest) and none (the sum)
-        phase = max(split, key=lambda k: split[k][1])
-        transient = split[phase][1]
+        phase = max(split, key=lambda k: split[k][1] - credit[k])
+        transient = max(0.0, split[phase][1] - credit[phase])
         phase = phase if transient else "none"
     else:  # the caching allocator reuses freed blocks: the largest phase
-        phase = max(split, key=lambda k: sum(split[k]))
-        kept, transient = 0.0, sum(split[phase])
+        phase = max(split, key=lambda k: sum(split[k]) - credit[k])
+        kept, transient = 0.0, max(0.0, sum(split[phase]) - credit[phase])
     baseline = (CPU_BASELINE + (TORCHRUN_EXTRA if L * D > 1 else 0)) if cpu else CUDA_BASELINE
     parts = {"baseline": baseline, "weights": N * es, "gradients": grads, "optimizer_state": opt,
              "master_weights": master, "indices": idx, "shard_arrays": shard, "workspaces": ws, "data": data,

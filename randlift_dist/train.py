@@ -10,11 +10,21 @@ Every check of the input runs before any process group starts (`preflight`); `--
 1 anything else (a peer that stopped answering, an I/O error), each with one line on stderr
 naming the step and what was being done; under a launcher only rank 0 prints a config error, and
 rank 0 writes `<run.dir>/exit_status.json` (`{"code", "message"}`) on any error exit.
+
+Memory (`limit_heap`, before anything is built): glibc's mmap threshold is fixed at
+`HEAP_MMAP_THRESHOLD` (4 MiB), so every tensor of that size or more has its own mapping and goes
+back to the system when freed, and torch is asked for huge pages for its big CPU tensors
+(`THP_MEM_ALLOC_ENABLE=1` unless it is set, as `launch/run.sh` does), so those fresh mappings cost
+few page faults. glibc's default raises the threshold up to 32 MiB as big blocks are freed, then
+keeps freed activations, gradients and the collectives' buffers (in gloo's thread arenas too) in
+heaps that the next step reuses only in part: +0.4 GB per rank, varying from run to run, on a
+2-rank 52M lift (docs/scale.md). `RANDLIFT_MALLOC=default` leaves both as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -26,11 +36,36 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, describe_fields, dump_config, load_config
 from .engine import require_deepspeed
+from .estimate import MMAP_THRESHOLD
 from .launch_env import discover_env
 from .layout import Layout, LayoutError
 from .trainer import NonFiniteError, RunFinished, Trainer
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
+HEAP_MMAP_THRESHOLD = MMAP_THRESHOLD  # bytes: allocations this big or bigger get their own mapping (4 MiB)
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+
+
+def limit_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes (which also stops glibc from raising it), so
+    freed tensors of that size or more are unmapped at once instead of kept in the heap, and set
+    `THP_MEM_ALLOC_ENABLE=1` unless it is set (torch reads it at its first CPU allocation: call this
+    before any tensor exists). True if the threshold was set; False off glibc, or with
+    `RANDLIFT_MALLOC=default` (then nothing is changed).
+
+    Why huge pages: tensors between 4 and 32 MiB are now fresh pages each step. With 4 KiB pages
+    that cost (CPU time per step, one thread): +15 % at 52M parameters on one rank, and +22 % /
+    +65 % step time on two ranks at 206M / 52M; with huge pages it was within run-to-run noise
+    (measurements in docs/scale.md)."""
+    if os.environ.get("RANDLIFT_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +121,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    limit_heap()
     if args.help_config:
         print("\n".join(describe_fields()))
         return EXIT_OK

@@ -172,3 +172,44 @@ def test_cli_exit_status(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no.yaml" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_allocator_settings_the_model_assumes(monkeypatch):
+    """The CPU model assumes the CLI's mmap threshold (`train.limit_heap`); `RANDLIFT_MALLOC=default`
+    leaves glibc and torch's huge-page setting alone."""
+    import os
+    import platform
+
+    from randlift_dist import train
+    from randlift_dist.estimate import MMAP_THRESHOLD
+
+    assert train.HEAP_MMAP_THRESHOLD == MMAP_THRESHOLD
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setenv("RANDLIFT_MALLOC", "default")
+    assert train.limit_heap() is False and "THP_MEM_ALLOC_ENABLE" not in os.environ
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        monkeypatch.delenv("RANDLIFT_MALLOC")
+        assert train.limit_heap() is True
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+def test_weight_gradient_copy_only_with_micro_batches(tmp_path):
+    """Torch engine: the first micro-batch's weight gradients become `.grad` as they are; later ones
+    are added to it, so micro-batches add (at most) one copy of an edge's gradient to the peak."""
+    lift, data = {"size": 4096, "degree": 8, "law": "fixed_degree"}, {"n_test": 16}
+    one = estimate(load_config(_write(tmp_path, "a.yaml", lift, data=data, train={"batch_size": 16})))
+    acc = estimate(load_config(_write(tmp_path, "b.yaml", lift, data=data,
+                                      train={"batch_size": 32, "micro_batch_size": 16})))
+    largest = max(e["edges"] * e["d_src"] * e["d_dst"] for e in one["edges"]) * 4
+    assert 0 < acc["peak_bytes_per_rank"] - one["peak_bytes_per_rank"] <= largest + one["gradients_bytes"]
+
+
+def test_gradient_norm_sum_of_squares_in_float64():
+    """`engine._sum_squares` (one reused float64 chunk buffer) against a whole float64 copy."""
+    from randlift_dist.engine import _sum_squares
+
+    g = torch.randn(3 * 1000 + 7, generator=torch.Generator().manual_seed(0))
+    want = (g.double() ** 2).sum()
+    assert float(_sum_squares(g, chunk=1000)) == pytest.approx(float(want), rel=1e-14)
+    assert float(_sum_squares(g.double())) == pytest.approx(float(want), rel=1e-14)
+    assert float(_sum_squares(torch.empty(0))) == 0.0
