@@ -16,7 +16,11 @@ to the prediction, the marginal and overall bytes per parameter, and the step ti
 
 Cases (`--list`): `r16_*`: residual MLP of 16-dimensional vertices (depth 4, gelu, degree 16);
 `s1_*`: MLP of scalar vertices (4 hidden layers, tanh, degree 32); the suffix is the size in
-millions of parameters and `_p2` marks two ranks. Measurements: `docs/scale.md`.
+millions of parameters and `_p2` marks two ranks; `r16_560m_*` (~10 GB, one at a time) measure
+bytes per parameter at d = 16 with a small batch or micro-batches; `r24t_*` and `r16d2_*` are
+two-rank shapes off the calibration ones (width 24 and tanh with micro-batches; depth 2 with
+all-to-all exchange). The runs get the CLI's allocator settings (`train.limit_heap`; set
+`RANDLIFT_MALLOC=default` to measure glibc's default). Measurements: `docs/scale.md`, README.
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ from randlift_dist.estimate import estimate  # noqa: E402
 
 R16 = {"builder": "residual_mlp", "in_dim": 16, "width": 16, "depth": 4, "out_dim": 1, "activation": "gelu"}
 S1 = {"builder": "mlp", "in_dim": 4, "hidden_dims": [1, 1, 1, 1], "out_dim": 1, "activation": "tanh"}
-# name: (base, lift size, degree, ranks, batch)  ~ params: r16 21504 x s, s1 128 x s
+# other shapes, to check the model off its calibration cases
+R24T = {"builder": "residual_mlp", "in_dim": 8, "width": 24, "depth": 3, "out_dim": 2, "activation": "tanh"}
+R16D2 = {"builder": "residual_mlp", "in_dim": 16, "width": 16, "depth": 2, "out_dim": 1, "activation": "gelu"}
+# name: (base, lift size, degree, ranks, batch[, settings merged into the config])
+# ~ params: r16 21504 x s, s1 128 x s
 CASES = {
     "r16_tiny": (R16, 32, 16, 1, 64), "r16_tiny_p2": (R16, 32, 16, 2, 64),
     "r16_10m": (R16, 480, 16, 1, 64), "r16_50m": (R16, 2400, 16, 1, 64), "r16_200m": (R16, 9600, 16, 1, 64),
@@ -51,17 +59,38 @@ CASES = {
     "s1_10m": (S1, 80000, 32, 1, 64), "s1_40m": (S1, 320000, 32, 1, 64), "s1_100m": (S1, 800000, 32, 1, 64),
     "s1_40m_p2": (S1, 320000, 32, 2, 64),
     "r16_500m_p2": (R16, 24000, 16, 2, 32),
+    # bytes per parameter at d = 16 on one rank: a lift big enough to amortise the process, and
+    # activations kept small by the batch (b16) or by micro-batches (mb8); ~10 GB each
+    "r16_560m_b16": (R16, 26000, 16, 1, 16),
+    "r16_560m_b16_blocked": (R16, 26000, 16, 1, 16, {"model": {"impl": "blocked"}}),
+    "r16_560m_mb8": (R16, 26000, 16, 1, 64, {"train": {"micro_batch_size": 8}}),
+    # 2 ranks off the calibration shapes: width 24, tanh, micro-batches; depth 2, all-to-all, a
+    # bigger test set (evaluation at 256 samples)
+    "r24t_190m_p2": (R24T, 10000, 10, 2, 48, {"model": {"lift": {"seed": 3}}, "data": {"n_test": 96},
+                                              "train": {"micro_batch_size": 24}}),
+    "r16d2_90m_p2_a2a": (R16D2, 12000, 24, 2, 32, {"model": {"lift": {"seed": 5}}, "data": {"n_test": 256},
+                                                   "parallel": {"exchange": "alltoall"}}),
 }
 
 
+def _merge(into: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v
+    return into
+
+
 def case_config(name: str, steps: int, run_dir: str) -> dict:
-    base, size, degree, ranks, batch = CASES[name]
-    return {"model": {"base": base, "lift": {"size": size, "degree": degree, "seed": 0}},
+    base, size, degree, ranks, batch, *extra = CASES[name]
+    return _merge({"model": {"base": base, "lift": {"size": size, "degree": degree, "seed": 0}},
             "data": {"kind": "teacher", "n_train": 1024, "n_test": 64, "teacher_size": 8, "teacher_degree": 4},
             "train": {"steps": steps, "lr": 0.003, "batch_size": batch, "optimizer": "adam", "warmup_steps": 1,
                       "log_every": 1, "eval_every": 0},
             "parallel": {"lift_parallel": ranks, "engine": "torch"},
-            "checkpoint": {"every": 0}, "run": {"dir": run_dir, "progress": False}, "wandb": {"mode": "disabled"}}
+            "checkpoint": {"every": 0}, "run": {"dir": run_dir, "progress": False}, "wandb": {"mode": "disabled"}},
+                  extra[0] if extra else {})
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -146,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="ranks for --config (parallel.lift_parallel must fit)")
     args = ap.parse_args(argv)
     if args.list:
-        for k, (_, s, deg, p, b) in CASES.items():
-            print(f"{k}: size {s}, degree {deg}, {p} rank(s), batch {b}")
+        for k, (_, s, deg, p, b, *extra) in CASES.items():
+            print(f"{k}: size {s}, degree {deg}, {p} rank(s), batch {b}" + (f", {extra[0]}" if extra else ""))
         return 0
     print(hardware_line())
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
