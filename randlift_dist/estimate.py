@@ -55,8 +55,8 @@ Phases (the tensors alive on top of the persistent terms):
 - checkpoint (the run's last step at least): int64 row keys (8 B / row, and the edge index of the
   largest edge while it is derived); rows not in key order (exchanging edges hold local rows
   first) are gathered in key order one parameter at a time (edges, biases, readouts): a
-  parameter's fp32 value and moments, the order, the sorted keys, while the writer still holds
-  the previous parameter's value and last moment (`checkpoint._collect`). Torch engine: no
+  parameter's fp32 value and moments, the order, the sorted keys (`checkpoint._collect`; the
+  writer has dropped the previous parameter's by then). Torch engine: no
   gradients then (credited). On GPUs this is host memory, except one tensor's fp32 copies.
 - regenerated topology, backward per edge: the source-sized input gradient, the chunks of edges in
   flight (the one computed and the `DRAW_AHEAD` being drawn, ~64 B of indices per edge) and the
@@ -369,9 +369,8 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     # checkpoint: every parameter's int64 row keys; rows not in key order (an exchanging edge's local
     # rows come first) are gathered into key order: fp32 value and moments, sorted keys, the order
     # one parameter at a time (checkpoint._collect is a generator): the largest one's copies
-    # While the next entry is made the writer still holds the previous one's value and, through the
-    # views in `export.write_rows`' loop variables, its last moment (the moments dict is emptied);
-    # parameters come in `named_parameters` order: edges, biases, readouts.
+    # (`export.write_rows` drops an entry before the next is made); parameters come in
+    # `named_parameters` order: edges, biases, readouts.
     # Row keys are made per parameter when it is written (`export.row_keys` is lazy): the largest
     # edge's keys and, stored, its edge index while they are derived (src, dst, dst * n_u: 3 x 8 B /
     # edge; regenerated edges are keyed block range by block range)
@@ -380,11 +379,10 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     n_vec = len(tensors) - len(base.edges)
     in_order = list(zip(tensors, keys, sorted_rows))
     in_order = in_order[n_vec:] + in_order[:n_vec]
-    copies, held = [], []
+    copies = []
     for x, n_rows, srt in in_order:
         if not srt:
-            copies = max(copies, held + [4 * x] * (1 + moments) + [8 * n_rows] * 2, key=sum)
-        held = [] if srt else [4 * x] * min(2, 1 + moments)
+            copies = max(copies, [4 * x] * (1 + moments) + [8 * n_rows] * 2, key=sum)
     checkpoint += copies
     if not cpu:  # gathered in host memory: on the device only one tensor's fp32 copies at a time
         checkpoint = [4 * max(tensors)] * (1 + moments)

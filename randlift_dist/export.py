@@ -155,6 +155,10 @@ def write_rows(path: Path, entries, block_bytes: int) -> dict[str, Any]:
                 blocks["sha256"].append(h.hexdigest())
             params[name] = {"rows": n, "row": row, "moments": list(moments), "row_bytes": row_bytes,
                             "blocks": blocks}
+            # drop this entry (and the views into its last moment) before the next one is made:
+            # the producer (`checkpoint._collect`) builds one parameter's copies at a time
+            part = mv = None
+            del keys, value, moments, part, mv
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()
