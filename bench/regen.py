@@ -35,6 +35,11 @@ from randlift_dist import BaseGraph, LiftedNetwork, build_plan, random_sparse_li
 CLOCK = None
 
 
+def _ws():
+    from randlift_dist.ops import workspace
+    return workspace
+
+
 def index_bytes(net: LiftedNetwork) -> int:
     """Bytes of every index tensor the network's edge layers hold (CSR arrays and caches)."""
     seen, total = set(), 0
@@ -103,8 +108,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in nets["stored"].parameters())
     n_edges = nets["stored"].num_edges()
     print(f"lift: s = {args.size}, degree {args.degree:g}: {n_params / 1e6:.1f}M parameters, "
-          f"{n_edges / 1e6:.1f}M edges; batch {args.batch}, fp32, fused Adam; regenerated chunks of "
-          f"{__import__('randlift_dist.ops.workspace', fromlist=['x']).REGEN_CHUNK_ELEMS} elements")
+          f"{n_edges / 1e6:.1f}M edges; batch {args.batch}, fp32, fused Adam; regenerated chunks of up to "
+          f"{_ws().REGEN_CHUNK_EDGES} edges (scalar CPU path)")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, base.in_dim, generator=g)
     target = torch.randn(args.batch, 1, generator=g)
