@@ -228,19 +228,15 @@ class LiftedNetwork(nn.Module):
         all of a block's edges drawn (its in-degrees say how many), those of own targets kept."""
         lift, plan = self.lift, self.plan
         d_v, d_u = self.base.dim(e.dst), self.base.dim(e.src)
-        n_v, B = lift.n(e.dst), lift.block_size
-        own = plan.own(e.dst) if plan.n_own(e.dst) < n_v else None
-        blocks = range(lift.num_blocks(e.dst)) if own is None else np.unique(own // B).tolist()
         out = np.empty((plan.edges[e.key].n_edges, d_v, d_u), dtype=np.float32)
         at = 0
-        for b in blocks:
+        for b in plan.target_blocks(e.dst).tolist():
             deg = lift.block_degrees(e, b)
             w = block_rng(self.seed, STREAM_WEIGHTS, str(e), b).standard_normal((int(deg.sum()), d_v, d_u),
                                                                                  dtype=np.float32)
-            if own is not None:
-                want = np.zeros(deg.size, dtype=bool)
-                want[_block_rows(own, b * B, deg.size)] = True
-                w = w[np.repeat(want, deg)]
+            keep = plan.block_keep(e.dst, b, deg.size)
+            if keep is not None:
+                w = w[np.repeat(keep, deg)]
             out[at:at + w.shape[0]] = w
             at += w.shape[0]
         if at != out.shape[0]:
@@ -249,17 +245,17 @@ class LiftedNetwork(nn.Module):
         return out
 
     def _init_readout(self, t: str, dtype: torch.dtype) -> torch.Tensor:
-        own = self.plan.own(t)
-        shape = (len(own), self.out_dim, self.base.dim(t))
+        shape = (self.plan.n_own(t), self.out_dim, self.base.dim(t))
         if self.readout_init == "zero":
             return torch.zeros(shape, dtype=dtype)
         B = self.lift.block_size
         rows = []
-        for b in np.unique(own // B).tolist():
+        for b in self.plan.target_blocks(t).tolist():
             n_b = min(B, self.lift.n(t) - b * B)
             r = block_rng(self.seed, STREAM_READOUT, f"readout:{t}", b).standard_normal(
                 (n_b,) + shape[1:], dtype=np.float32)
-            rows.append(r[_block_rows(own, b * B, n_b)])
+            keep = self.plan.block_keep(t, b, n_b)
+            rows.append(r if keep is None else r[keep])
         return torch.from_numpy(np.concatenate(rows) if rows else np.zeros(shape, np.float32)).to(dtype)
 
     # ------------------------------------------------------------ introspection
@@ -340,10 +336,3 @@ class LiftedNetwork(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         return next(iter(self.readouts.values())).dtype
-
-
-def _block_rows(own: np.ndarray, lo: int, n: int) -> np.ndarray:
-    """Rows, within the block `[lo, lo + n)`, of the sorted global indices `own` that fall in it
-    (a binary search per block, not a scan of `own`: set-up stays linear in the rows held)."""
-    i0, i1 = np.searchsorted(own, (lo, lo + n))
-    return own[i0:i1] - lo

@@ -176,8 +176,18 @@ class ShardPlan:
     def _sharded(self, v: str) -> bool:
         return not (self.is_input(v) or self.world_size == 1)
 
-    def _block_keep(self, v: str, b: int, rows: int) -> np.ndarray | None:
-        """Which of the `rows` targets of sampling block b of fibre v are this rank's (None: all)."""
+    def target_blocks(self, v: str) -> np.ndarray:
+        """The sampling blocks of fibre v holding this rank's vertices, ascending (int64)."""
+        B = self.lift.block_size
+        if not self._sharded(v) or self.n_own(v) == self.lift.n(v):
+            return np.arange(self.lift.num_blocks(v), dtype=np.int64)
+        if self.owners[v].contiguous:
+            lo, hi = (int(x) for x in self.owners[v].bounds[self.rank:self.rank + 2])
+            return np.arange(lo // B, -(-hi // B) if hi > lo else lo // B, dtype=np.int64)
+        return np.unique(self.own(v) // B)
+
+    def block_keep(self, v: str, b: int, rows: int) -> np.ndarray | None:
+        """Which of the `rows` vertices of sampling block b of fibre v are this rank's (None: all)."""
         if not self._sharded(v):
             return None
         lo = b * self.lift.block_size
@@ -205,7 +215,7 @@ class ShardPlan:
         srcs, dsts = [], []
         for b in bt.blocks[i0:i1].tolist():
             src, dst = self.lift.sample_block(e, b)
-            keep = self._block_keep(key[1], b, min(B, self.lift.n(key[1]) - b * B))
+            keep = self.block_keep(key[1], b, min(B, self.lift.n(key[1]) - b * B))
             if keep is not None:
                 m = keep[dst - b * B]
                 src, dst = src[m], dst[m]
@@ -250,7 +260,7 @@ class ShardPlan:
         parts = []
         for b in ep.blocks.blocks.tolist():
             d = self.lift.block_degrees(key, b)
-            keep = self._block_keep(key[1], b, d.size)
+            keep = self.block_keep(key[1], b, d.size)
             parts.append(d if keep is None else d[keep])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -422,18 +432,11 @@ def _regenerated_edge(plan: ShardPlan, layout, e) -> EdgePlan:
     """A `BlockTopology` edge: block offsets from the in-degrees alone; with an exchange, the
     halo collected block by block (O(halo + a few blocks) memory, never O(edges))."""
     lift, v = plan.lift, e.dst
-    B, n_rows = lift.block_size, plan.n_own(v)
-    if not plan._sharded(v) or plan.n_own(v) == lift.n(v):
-        blocks = np.arange(lift.num_blocks(v), dtype=np.int64)
-    elif plan.owners[v].contiguous:
-        lo, hi = (int(x) for x in plan.owners[v].bounds[plan.rank:plan.rank + 2])
-        blocks = np.arange(lo // B, -(-hi // B) if hi > lo else lo // B, dtype=np.int64)
-    else:
-        blocks = np.unique(plan.own(v) // B)
+    n_rows, blocks = plan.n_own(v), plan.target_blocks(v)
     n_edges, n_rows_b = np.zeros(blocks.size, np.int64), np.zeros(blocks.size, np.int64)
     for i, b in enumerate(blocks.tolist()):
         deg = lift.block_degrees(e, b)
-        keep = plan._block_keep(v, b, deg.size)
+        keep = plan.block_keep(v, b, deg.size)
         if keep is not None:
             deg = deg[keep]
         n_edges[i], n_rows_b[i] = deg.sum(), deg.size
