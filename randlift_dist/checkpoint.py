@@ -1,7 +1,7 @@
 """Resharding checkpoints that are verified on load and read only the rows a rank holds.
 
     <run.dir>/checkpoints/step_00000100/
-      shard_0000.bin ...  one per lift-parallel rank: keyed row blocks (`export.write_rows`)
+      shard_0000.bin ...  one per lift-parallel rank: keyed row blocks (`rows.write_rows`)
       ds/                 DeepSpeed's own files (engine deepspeed, checkpoint.deepspeed_files)
       meta.json           written last: step, config, lift and data fingerprints; per shard its
                           size and block index (key range, offset, sha256 per block)
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .export import RowsError, file_problem, read_rows, row_keys, sha256_file, verify_file, write_rows
+from .rows import RowsError, file_problem, read_rows, row_keys, sha256_file, verify_file, write_rows
 
 FORMAT = 2
 BLOCK_BYTES = 4 << 20  # target bytes per block: a 4 MiB read and hash per overlapping block
@@ -121,7 +121,7 @@ def _collect(engine):
     {moment: [n, *row]}))`. Collective (ZeRO moments): every rank drains it. Rows already in key
     order are not copied. The consumer still holds the previous entry while the next one is made:
     its moments dict is emptied first (the copies go), so the consumer must be done with an
-    entry when it asks for the next (`export.write_rows` is)."""
+    entry when it asks for the next (`rows.write_rows` is)."""
     keys = row_keys(engine.net)
     for name, p in engine.net.named_parameters():
         k = keys[name]

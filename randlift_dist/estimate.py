@@ -369,9 +369,9 @@ def _rank(cfg, base, lift, r, L, D, B, es, device, rows, exch, modes, edges_out,
     # checkpoint: every parameter's int64 row keys; rows not in key order (an exchanging edge's local
     # rows come first) are gathered into key order: fp32 value and moments, sorted keys, the order
     # one parameter at a time (checkpoint._collect is a generator): the largest one's copies
-    # (`export.write_rows` drops an entry before the next is made); parameters come in
+    # (`rows.write_rows` drops an entry before the next is made); parameters come in
     # `named_parameters` order: edges, biases, readouts.
-    # Row keys are made per parameter when it is written (`export.row_keys` is lazy): the largest
+    # Row keys are made per parameter when it is written (`rows.row_keys` is lazy): the largest
     # edge's keys and, stored, its edge index while they are derived (src, dst, dst * n_u: 3 x 8 B /
     # edge; regenerated edges are keyed block range by block range)
     edge_keys = keys[len(keys) - len(base.edges):]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from randlift_dist import (BaseGraph, Communicator, Layout, LayoutError, PartitionError, build_plan,
                            random_sparse_lift)
-from randlift_dist.export import gather_network
+from randlift_dist.rows import gather_network
 from randlift_dist.model import LiftedNetwork
 
 _TRACE = bool(os.environ.get("RANDLIFT_TEST_TRACE"))  # print every check as it is made

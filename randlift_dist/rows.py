@@ -1,4 +1,4 @@
-"""Layout-independent views of a (possibly sharded) lifted network.
+"""Keyed rows: layout-independent views of a (possibly sharded) lifted network, and the row-file format of checkpoints.
 
 Every tensor of a `LiftedNetwork` is a set of rows with global keys: edge rows are keyed by the
 lifted edge `(src, dst)`, bias and readout rows by the vertex index in its fibre. The canonical
