@@ -111,6 +111,7 @@ class MetricsSink:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
+        self.last_test: dict[str, float] = {}  # shown on the progress bar until the next evaluation
         self.wandb_run = None
         if not enabled:
             return
@@ -139,7 +140,10 @@ class MetricsSink:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
         if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", sps=f"{record.get('samples_per_s', 0):.0f}")
+            self.last_test.update({k: record[k] for k in ("test_loss", "test_accuracy") if k in record})
+            shown = {"loss": record["loss"], "acc": record.get("accuracy"), **self.last_test}
+            post = {k.replace("_accuracy", "_acc"): f"{v:.4g}" for k, v in shown.items() if v is not None}
+            self.bar.set_postfix(**post, sps=f"{record.get('samples_per_s', 0):.0f}")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

@@ -25,7 +25,9 @@ ORDER = [
     "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
     "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
-    "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",
+    "config_parse", "config", "tasks", "planstats", "estimate",
+    "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
+    "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API
