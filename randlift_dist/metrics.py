@@ -76,6 +76,7 @@ def lift_statistics(net, layout) -> dict[str, Any]:
         hist = sum(p["hist"][k] for p in parts)
         stats["per_edge"][k] = {
             "edges": int(m), "mean_in_degree": m / net.lift.n(e.dst),
+            "degree": net.lift.degrees.get(e.key), "all_pairs": net.lift.all_pairs(e),
             "in_degree_hist": {int(d): int(c) for d, c in enumerate(hist) if c},
             "halo_fraction": sum(p["remote"][k] for p in parts) / max(m, 1),
             "halo_rows": int(sum(p["halo_rows"][k] for p in parts)),
@@ -120,8 +121,12 @@ class MetricsSink:
         if cfg.run.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+            # smoothing=0: the rate is steps / time since the clock started, and `advance` starts the
+            # clock after the first step (imports, allocation, kernel caches), so the first estimate of
+            # the time left is not that slow step's
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", smoothing=0,
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            self._clock_started = False
         if cfg.wandb.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -146,8 +151,13 @@ class MetricsSink:
             self.bar.set_postfix(**post, sps=f"{record.get('samples_per_s', 0):.0f}")
 
     def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        if self.bar is None:
+            return
+        self.bar.update(steps)
+        if not self._clock_started:  # the rate counts the steps after this one only
+            self._clock_started = True
+            self.bar.initial = self.bar.n
+            self.bar.start_t = self.bar.last_print_t = time.time()
 
     def summary(self, stats: dict[str, Any]) -> None:
         """Lift and plan statistics, once at start (wandb summary; also written as JSON)."""

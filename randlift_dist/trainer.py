@@ -263,3 +263,8 @@ class Trainer:
         for k, v in s["per_edge"].items():
             self.sink.print(f"  edge {k}: {v['edges']:,} edges, mean in-degree {v['mean_in_degree']:.2f}, "
                             f"halo fraction {v['halo_fraction']:.3f}, exchange {v['exchange']}")
+        for e in self.base.edges:  # inputs' fibres have one vertex: their edges always take every pair
+            if self.lift.law != "full" and self.lift.all_pairs(e) and self.base.vertices[e.src].role != "input":
+                self.sink.print(f"randlift_dist: note: edge {e}: degree {self.lift.degrees[e.key]:g} >= the size "
+                                f"{self.lift.n(e.src)} of fibre {e.src!r}: every pair is an edge (this edge is "
+                                "fully connected; lift_stats.json: all_pairs)")
