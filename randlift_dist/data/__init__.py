@@ -43,7 +43,7 @@ from .sources import Batches, FeistelOrder, TensorSource, eval_rows, replica_par
 from .teacher import teacher_arrays
 
 __all__ = ["Dataset", "Batches", "TensorSource", "ShardSource", "FeistelOrder", "DataError", "build_dataset",
-           "verify_shards", "data_identity", "write_shards", "eval_rows", "replica_part"]
+           "verify_shards", "data_identity", "write_shards", "read_index", "eval_rows", "replica_part"]
 
 
 @dataclasses.dataclass
