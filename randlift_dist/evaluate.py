@@ -13,7 +13,8 @@ What is evaluated:
 - with `--data FILE`, the arrays `x` and `y` of a `.npz` (or `.pt`) file, checked like training
   data (`data.files`: width, finite inputs, labels that fit the task, `classes` if declared).
 Bad input (no such run or file, no intact checkpoint, a wrong width, NaN, labels out of range):
-one line, exit 2. Any layout under a launcher, as `predict` (`torchrun ... -m randlift_dist.evaluate`).
+one line, exit 2. Any layout under a launcher, as `predict` (`torchrun ... -m randlift_dist.evaluate
+--run-dir DIR`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ PROG = "randlift-evaluate"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description="Evaluate a trained run: the task's metrics.")
-    ap.add_argument("--run", required=True, help="the run directory (run.dir of a training run)")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="the run directory (run.dir of a training run); under torchrun spell it --run-dir")
     ap.add_argument("--data", default=None, help=".npz (or .pt) file with arrays x and y (default: the run's own data)")
     ap.add_argument("--split", choices=("test", "train"), default=None,
                     help="the run's own split to evaluate (default: test); not with --data")

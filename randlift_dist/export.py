@@ -183,8 +183,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         raise ExportError(f"{path}: the lift rebuilt from the metadata has fingerprint {lift.fingerprint()}, the "
                           f"file says {meta.get('lift_fingerprint')}: damaged metadata")
     kw = dict(meta["network"])
-    dt, topo = dtype or getattr(torch, kw.pop("dtype")), topology or kw.pop("topology")
-    kw.pop("topology", None)
+    saved_dtype, saved_topology = kw.pop("dtype"), kw.pop("topology")
+    dt, topo = dtype or getattr(torch, saved_dtype), topology or saved_topology
     plan = build_plan(lift, None, topology=topo)  # draws the edges again (world size 1, no group)
     net = LiftedNetwork(lift.base, lift, plan, None, impl="auto", dtype=dt, **kw)
     from safetensors.torch import load_file
@@ -212,7 +212,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description="Export a trained run to one .safetensors file.")
-    ap.add_argument("--run", required=True, help="the run directory (run.dir of a training run)")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="the run directory (run.dir of a training run); under torchrun spell it --run-dir")
     ap.add_argument("--out", required=True, help="the .safetensors file to write")
     ap.add_argument("--step", type=int, default=None, help="export the checkpoint of this step (default: newest intact)")
     return ap.parse_args(argv)

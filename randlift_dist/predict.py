@@ -8,7 +8,8 @@ them; a `.npz` holds `outputs` and, for classification, `classes` (the top-1 cla
 to the lowest index). Written atomically (`<output>.tmp`, then renamed) by rank 0.
 
 Rows run in batches of `--batch-size` (a tqdm bar on rank 0, `--no-progress` hides it). Any layout
-under a launcher (`torchrun --nproc_per_node N -m randlift_dist.predict ...`, or srun): the network
+under a launcher (`torchrun --nproc_per_node N -m randlift_dist.predict --run-dir DIR ...`: torchrun's own
+parser takes `--run` for its `--run-path`, so spell it `--run-dir` there; or srun): the network
 is sharded over `--lift-parallel` ranks (default: the run's `parallel.lift_parallel` when it divides
 the world, else 1); data-parallel replicas take contiguous parts of the rows, the ranks of one
 replica all run every batch of it (the forward is collective), and rank 0 gathers the parts.
@@ -37,7 +38,8 @@ SUFFIXES = (".npy", ".npz")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description="Predict with a trained run (outputs of its network).")
-    ap.add_argument("--run", required=True, help="the run directory (run.dir of a training run)")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="the run directory (run.dir of a training run); under torchrun spell it --run-dir")
     ap.add_argument("--input", required=True, help="rows to predict: a .npy [N, in_dim], or a .npz with array x")
     ap.add_argument("--output", required=True, help=".npz (outputs, classes) or .npy (outputs) to write")
     ap.add_argument("--key", default="x", help="the array of a .npz input holding the rows (default: x)")
