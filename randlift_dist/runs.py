@@ -108,21 +108,26 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name[5:]), reverse=True)
 
 
-def _load_into(run_dir: Path, cfg: Config, lift, net, step: int | None,
-               report: Callable[[str], None] | None, rank: int) -> tuple[Path, int]:
-    """Weights of the chosen checkpoint into `net` (collective in a group): `(path, step)`."""
-    compat = copy.deepcopy(cfg)
-    compat.train.resume_allow_data_change = True  # the data (or its file) may have moved since
+def candidates(run_dir: Path, step: int | None) -> list[Path]:
+    """The checkpoints to try, newest first (only that of `step` when given), or a `RunError`."""
     dirs = checkpoint_dirs(run_dir)
     if step is not None:
         want = [d for d in dirs if int(d.name[5:]) == step]
         if not want:
             have = ", ".join(str(int(d.name[5:])) for d in reversed(dirs)) or "none"
             raise RunError(f"{run_dir}: no checkpoint at step {step} (checkpoints at steps: {have})")
-        dirs = want
+        return want
     if not dirs:
         raise RunError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'} (the run saved none yet: "
                        "train it further, or lower checkpoint.every)")
+    return dirs
+
+
+def _load_into(dirs: list[Path], cfg: Config, lift, net, step: int | None,
+               report: Callable[[str], None] | None, rank: int) -> tuple[Path, int]:
+    """Weights of the first intact checkpoint of `dirs` into `net` (collective in a group): `(path, step)`."""
+    compat = copy.deepcopy(cfg)
+    compat.train.resume_allow_data_change = True  # the data (or its file) may have moved since
     problems: list[str] = []
     for d in dirs:
         bad = ckpt.structure_problems(d)
@@ -141,7 +146,7 @@ def _load_into(run_dir: Path, cfg: Config, lift, net, step: int | None,
     if step is not None:
         raise RunError(f"checkpoint at step {step} is damaged: {problems[0]}")
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    raise RunError(f"{run_dir}: no intact checkpoint ({len(dirs)} damaged): {problems[0]}{more}")
+    raise RunError(f"{cfg.run.dir}: no intact checkpoint ({len(dirs)} damaged): {problems[0]}{more}")
 
 
 def load_run(run_dir: str | Path, step: int | None = None, device: str | torch.device | None = None,
@@ -158,6 +163,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | torch.d
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    dirs = candidates(run_dir, step)  # before anything is built: a run with none fails at once
     base, lift = cfg.build_lift()
     if layout is None and dist.is_available() and dist.is_initialized():
         layout = Layout.from_initialized(cfg.parallel.lift_parallel)
@@ -166,7 +172,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | torch.d
     kw = network_kwargs(cfg, base, dev)
     net = shard_network(base, lift, layout, kw.pop("strategy"), kw.pop("exchange"), kw.pop("allgather_threshold"),
                         **kw)
-    path, got = _load_into(run_dir, cfg, lift, net, step, report, 0 if layout is None else layout.rank)
+    path, got = _load_into(dirs, cfg, lift, net, step, report, 0 if layout is None else layout.rank)
     net.to(dev).eval()
     return LoadedRun(net, cfg, Task(cfg.train.loss, net.out_dim), got, path, layout)
 
