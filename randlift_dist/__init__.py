@@ -2,8 +2,9 @@
 
 Public API (see README.md): `BaseGraph`, `random_sparse_lift`, `fully_connected_lift`,
 `LiftedNetwork`; sharding: `Layout` (process groups), `build_plan` (collective: what each rank
-owns and exchanges), `Communicator` and `shard_network` (all three steps). deepspeed, wandb and
-triton are never imported here: only where they are used.
+owns and exchanges), `Communicator` and `shard_network` (all three steps); a trained run:
+`load_run` (`runs.py`; one self-contained file: `randlift_dist.export`). deepspeed, wandb and triton
+are never imported here: only where they are used.
 """
 from .comm import Communicator
 from .graph import BaseGraph, Edge, GraphError, Vertex
@@ -13,10 +14,11 @@ from .model import LiftedNetwork
 from .parallelize import shard_network
 from .partition import Ownership, PartitionError, make_partition
 from .plan import ShardPlan, build_plan
+from .runs import LoadedRun, load_run
 
 __all__ = [
     "BaseGraph", "Edge", "GraphError", "Vertex", "Lift", "LiftError", "fully_connected_lift",
     "random_sparse_lift", "LiftedNetwork", "Layout", "LayoutError", "ShardPlan", "build_plan", "Communicator",
-    "shard_network", "Ownership", "PartitionError", "make_partition",
+    "shard_network", "Ownership", "PartitionError", "make_partition", "LoadedRun", "load_run",
 ]
 __version__ = "0.1.0"
