@@ -25,7 +25,7 @@ ORDER = [
     "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
     "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
-    "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",
+    "config", "planstats", "estimate", "data", "engine_deepspeed", "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API
