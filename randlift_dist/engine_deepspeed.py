@@ -3,7 +3,8 @@
 What lives here is what the DeepSpeed engine (`engine.DeepSpeedEngine`) needs from DeepSpeed:
 - `import_deepspeed`: the import, quiet on the normal path. With no CUDA, `DS_ACCELERATOR=cpu` is set
   before the first import (unless the user set it), so DeepSpeed does not warn on every rank that it
-  fell back to the CPU; on ranks other than 0 DeepSpeed's logger only shows errors.
+  fell back to the CPU; on ranks other than 0 DeepSpeed's logger only shows errors; torch's
+  FutureWarning about the deprecated gather DeepSpeed calls is not shown.
 - `initialize`: `deepspeed.initialize` with a client optimizer, no scheduler, and the print of
   DeepSpeed's CPU communication op ("... built successfully", every rank, every run, built or
   not) dropped; anything else DeepSpeed prints passes through.
@@ -27,6 +28,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -48,6 +50,10 @@ def import_deepspeed(rank: int | None = None):
     except ImportError as err:
         raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
                           "pip install deepspeed, or set parallel.engine=torch") from None
+    # DeepSpeed gathers with torch's deprecated name (ours use all_gather_single): one FutureWarning
+    # per rank and run that nobody can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if rank is None:
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
     if rank != 0:

@@ -204,3 +204,40 @@ def test_the_issue_offload_warmup_and_resume(runs):
     _check_lr(issue["resumed"], schedule, "issue resumed")
     assert len(issue["resumed"]["used_lr"]) == 20
     assert_same(resumed, off, RESUME_RTOL, "issue: offload stopped at 20 and resumed vs uninterrupted")
+
+
+OURS = ("randlift_dist: ", "  edge ", "checkpoint /", "final step ", "randlift-train: checkpoint: ", "randlift-train: run ")
+
+
+@pytest.mark.timeout(900)
+def test_deepspeed_cli_at_world_size_two_says_only_its_own_lines(tmp_path, monkeypatch):
+    """Issue 20, through torchrun in the user's environment (no DS_ACCELERATOR, warnings shown),
+    DeepSpeed ZeRO 2, bf16, offload, data-parallel 2: no DeepSpeed notice from any rank (every line
+    is the trainer's, each once). Then issue 18's finished check at world size 2: the final
+    checkpoint damaged, the same command reports it once, trains steps 3..4 again, then is finished."""
+    import launch
+
+    env = {k: v for k, v in launch.train_env().items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    monkeypatch.setattr(launch, "train_env", lambda extra=None: {**env, **(extra or {})})
+    same = ["wandb.mode=disabled", "parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.precision=bf16",
+            "parallel.offload_optimizer=true", "train.steps=4", "checkpoint.every=2", "train.log_every=1"]
+    first = launch.launch(tmp_path, 2, *same, timeout=600)
+    lines = (first.stdout + first.stderr).splitlines()
+    assert all(ln.startswith(OURS) for ln in lines), "\n".join(lines)
+    assert sum(ln.startswith("randlift_dist: ") for ln in lines) == 1 and len(lines) == 7, "\n".join(lines)
+    curve = {r["step"]: r["loss"] for r in launch.metrics(tmp_path) if "loss" in r}
+    final = tmp_path / "checkpoints" / "step_00000004" / "shard_0000.bin"
+    raw = bytearray(final.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    final.write_bytes(bytes(raw))
+    second = launch.launch(tmp_path, 2, *same, timeout=600)
+    lines = (second.stdout + second.stderr).splitlines()
+    assert all(ln.startswith(OURS) for ln in lines), "\n".join(lines)
+    named = [ln for ln in lines if str(final) in ln]
+    assert len(named) == 1 and "sha256" in named[0] and "the final checkpoint" in named[0], "\n".join(lines)
+    assert f"resuming from {final.parent.parent / 'step_00000002'} (newest intact checkpoint)" in second.stderr
+    assert [r["step"] for r in launch.metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+    assert {r["step"]: r["loss"] for r in launch.metrics(tmp_path) if "loss" in r} == curve
+    third = launch.launch(tmp_path, 2, *same, timeout=600)
+    assert "already finished" in third.stdout and len((third.stdout + third.stderr).strip().splitlines()) == 1, \
+        third.stdout + third.stderr
