@@ -1,7 +1,7 @@
 """DeepSpeed glue: the only module that imports deepspeed (lazily, never at package import time).
 
 What lives here is what the DeepSpeed engine (`engine.DeepSpeedEngine`) needs from DeepSpeed:
-- `import_deepspeed`: the import, quiet on the normal path. With no CUDA, `DS_ACCELERATOR=cpu` is set
+- `import_deepspeed`: the import, quiet on the normal path. With no GPU, `DS_ACCELERATOR=cpu` is set
   before the first import (unless the user set it), so DeepSpeed does not warn on every rank that it
   fell back to the CPU; on ranks other than 0 DeepSpeed's logger only shows errors; torch's
   FutureWarning about the deprecated gather DeepSpeed calls is not shown.
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
+from .launch_env import discover_env
 from .layout import Layout
 
 _NOISE = re.compile(r"^DeepSpeed \S+ built successfully$")  # deepspeed.comm.torch.build_shm_op's print
@@ -43,7 +44,7 @@ def import_deepspeed(rank: int | None = None):
     """`import deepspeed`, quietly (see the module doc); a `ConfigError` when it is not installed.
 
     `rank`: this process's global rank when known (else read from the launcher's environment)."""
-    if "deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    if "deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ and not _accelerator():
         os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed picks anyway, said on every rank otherwise
     try:
         import deepspeed
@@ -55,7 +56,7 @@ def import_deepspeed(rank: int | None = None):
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
     if rank is None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        rank = discover_env()[0]
     if rank != 0:
         from deepspeed.utils import logger
 
@@ -63,6 +64,12 @@ def import_deepspeed(rank: int | None = None):
         for h in logger.handlers:
             h.setLevel(logging.ERROR)
     return deepspeed
+
+
+def _accelerator() -> bool:
+    """Whether torch sees a device DeepSpeed would pick instead of the CPU (CUDA, XPU, MPS)."""
+    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
 
 
 def require_deepspeed() -> None:
