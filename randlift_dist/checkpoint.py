@@ -268,21 +268,23 @@ def find_intact(root: Path, verify: bool = True, layout=None) -> tuple[Path | No
         name = latest.read_text().strip()
         if not (root / name).is_dir():
             problems.append(f"{latest}: names {name!r}, which does not exist")
-    world, rank = (layout.world_size, layout.rank) if layout is not None else (1, 0)
     for d in _steps(root):
-        bad = structure_problems(d)
-        if not bad and verify:
-            shards = read_meta(d)["shards"]
-            mine = [verify_file(d, s) for i, s in enumerate(shards) if i % world == rank]
-            bad = [p for p in mine if p]
-            if world > 1:
-                parts: list[Any] = [None] * world
-                dist.all_gather_object(parts, bad)
-                bad = [p for part in parts for p in part]
+        bad = structure_problems(d) or (verify_checksums(d, layout) if verify else [])
         if not bad:
             return d, problems
         problems += bad
     return None, problems
+
+
+def verify_checksums(path: Path, layout=None) -> list[str]:
+    """Every block of every shard hashed: one line per damaged file (collective given a layout: files round-robin)."""
+    world, rank = (layout.world_size, layout.rank) if layout is not None else (1, 0)
+    bad = [p for i, s in enumerate(read_meta(path)["shards"]) if i % world == rank and (p := verify_file(path, s))]
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, bad)
+        bad = [p for part in parts for p in part]
+    return bad
 
 
 def _stderr(line: str) -> None:
@@ -371,20 +373,20 @@ def load_weights(path: Path, cfg, lift, net) -> tuple[int, dict]:
     return step, state
 
 
-def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None = _stderr, layout=None
-                ) -> tuple[Path | None, int, dict | None]:
+def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None = _stderr, layout=None,
+                damaged: dict[Path, list[str]] | None = None) -> tuple[Path | None, int, dict | None]:
     """Resume from the newest checkpoint whose own rows verify: `(path or None, step, state)`.
 
-    Collective when a process group is initialised. Damaged checkpoints (structure, or a block
-    this layout reads) are skipped with one line each; other refusals (another lift, other data)
-    raise. Costs O(own rows) per rank, unlike `find_latest(verify=True)` which hashes every file.
+    Collective when a process group is initialised. Damaged checkpoints (structure, a block this
+    layout reads, or in `damaged`: path -> its problems) are skipped with one line each; other
+    refusals (another lift, other data) raise. O(own rows) per rank, unlike `find_latest`.
     """
     if layout is None or layout.rank == 0:
         clean_partial(root)
     _agree(None)
     problems: list[str] = []
     for d in _steps(root):
-        bad = structure_problems(d)
+        bad = (damaged or {}).get(d) or structure_problems(d)
         if not bad:
             try:
                 step, state = load_weights(d, cfg, lift, net)

@@ -4,29 +4,36 @@ Both take a sharded `LiftedNetwork` and a `Layout` and do, per step: forward and
 replica's slice of the global batch (in `micro_batches` equal micro-batches whose gradients are
 accumulated: the same gradient as one pass, with activation memory of one micro-batch), MSE loss,
 gradient averaging over the data-parallel group, global gradient norm (each shard counted once: a
-sum of squares over the lift-parallel group), clipping, optimizer step and a warm-up + cosine
-learning-rate schedule. The loss and the gradient norm they report do not depend on the layout,
-and are the same on every rank (they come out of all-reduces), so every rank takes the same
-decision when one is not finite: `train_step(..., skip_nonfinite=True)` then drops the update
-(the torch engine checks before the optimizer step; DeepSpeed's step cannot be undone, so there a
-non-finite gradient found after its step is reported as `applied`). An engine restores its own
-step count and learning-rate schedule (`restore`).
+sum of squares over the lift-parallel group), clipping and the optimizer step. The loss and the
+gradient norm they report do not depend on the layout, and are the same on every rank (they come
+out of all-reduces), so every rank takes the same decision when one is not finite:
+`train_step(..., skip_nonfinite=True)` then drops the update (the torch engine checks before the
+optimizer step; DeepSpeed's step cannot be undone, so there a non-finite gradient found after its
+step is reported as `applied`).
 
-This is the only module that imports deepspeed, and only when the DeepSpeed engine is built.
-DeepSpeed gets the layout through an `mpu` object (lift-parallel = its "model parallel"), every
-parameter carries `model_parallel = True`, and its config is generated from ours (`ds_config`).
+One schedule for every engine: there is no scheduler object. Before each step the engine sets
+`lr = train.lr * lr_factor(cfg, step)` (linear warm-up, then cosine or constant) on every param
+group of the optimizer that steps: the torch optimizer, the inner optimizer that DeepSpeed's ZeRO
+or bf16 wrapper steps on its flat fp32 partitions, or DeepSpeed's CPU Adam under optimizer offload.
+DeepSpeed has no scheduler and no optimizer of its own to override it, and the lr reported is the
+lr used. A resume restores the step count (hence the lr), the moments and Adam's step count (hence
+its bias correction), and under DeepSpeed ZeRO / bf16 the fp32 master weights (`restore`).
+
+DeepSpeed itself is imported only by `engine_deepspeed` (lazily): its config, the mpu, the CPU
+Adam and the accessors of its partitioned master weights and moments live there.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError
+from . import engine_deepspeed as dsx
+from .config import Config
+from .engine_deepspeed import require_deepspeed  # noqa: F401 - the entry point's preflight imports it from here
 from .layout import Layout
 from .tasks import Task
 
@@ -59,15 +66,6 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
-
-
-def require_deepspeed() -> None:
-    """Fail with a config error, before any process group, when DeepSpeed cannot be imported."""
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"parallel.engine=deepspeed but deepspeed cannot be imported ({err}): "
-                          "pip install deepspeed, or set parallel.engine=torch") from None
 
 
 def torch_moments(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, name: str) -> dict[str, torch.Tensor]:
@@ -115,31 +113,6 @@ def grad_norm(grads: list[torch.Tensor], layout: Layout) -> float:
     return float(_all_reduce(sq, layout.lift_group).sqrt())
 
 
-class LiftMPU:
-    """DeepSpeed's view of our layout: lift-parallel = its model parallel axis."""
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-
-    def get_model_parallel_group(self):
-        return self.layout.lift_group
-
-    def get_model_parallel_rank(self) -> int:
-        return self.layout.lift_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.layout.lift_parallel
-
-    def get_data_parallel_group(self):
-        return self.layout.data_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.layout.data_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.layout.data_parallel
-
-
 class Engine:
     """Common parts: the loss, the learning rate, evaluation."""
 
@@ -158,18 +131,16 @@ class Engine:
         return zip(x.chunk(k), y.chunk(k)) if k > 1 else [(x, y)]
 
     def restore(self, state: dict | None, step: int) -> None:
-        """Continue at `step`: optimizer moments from a checkpoint's rows (`state`: parameter name ->
-        {"moments": ...}), the step count and the learning-rate schedule."""
+        """Continue at `step`: optimizer moments and Adam's step count from a checkpoint's rows
+        (`state`: parameter name -> {"value", "moments"}) and the step count, which is all the
+        learning-rate schedule depends on."""
         if state is not None:
             for name, p in self.net.named_parameters():
                 self.load_moments(p, state[name]["moments"], step)
         self.step_count = step
-        self._restore_schedule(step)
-
-    def _restore_schedule(self, step: int) -> None:
-        pass  # the torch engine computes the lr from step_count
 
     def lr(self) -> float:
+        """The learning rate of the next step (every engine sets it on its optimizer before stepping)."""
         return self.cfg.train.lr * lr_factor(self.cfg, self.step_count)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -269,38 +240,32 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, net, cfg: Config, layout: Layout):
         super().__init__(net, cfg, layout)
-        require_deepspeed()
-        import deepspeed
-
         if not dist.is_initialized():
             raise RuntimeError("the DeepSpeed engine needs a process group: build the Layout with "
                                "Layout.create(..., need_group=True)")
-        ds_cfg = ds_config(cfg, layout)
-        optimizer = None if cfg.parallel.offload_optimizer else make_optimizer(cfg, list(net.parameters()))
-        sched = None
-        if optimizer is not None:
-            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=net, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg, mpu=LiftMPU(layout),
-            model_parameters=list(net.parameters()) if optimizer is None else None)
+        params = list(net.parameters())
+        # the optimizer that steps, and whose param groups get each step's lr (see the module doc)
+        self.optimizer = dsx.host_adam(cfg, params) if cfg.parallel.offload_optimizer else make_optimizer(cfg, params)
+        self.engine = dsx.initialize(net, self.optimizer, cfg, layout)
         self.net = self.engine.module
+        self._inner_state_made = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = next(self.net.parameters()).dtype
         return self.engine(x.to(self.engine.device, dtype))
 
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
-
-    def _restore_schedule(self, step: int) -> None:
-        if self.scheduler is not None:  # the scheduler stepped `step` times: lr of step `step`
-            self.scheduler.last_epoch = step - 1
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+    def restore(self, state: dict | None, step: int) -> None:
+        """Also the fp32 master weights: DeepSpeed made its masters (bf16) from the module's weights
+        after casting them to bf16, so without this a resumed bf16 run would go on from rounded ones."""
+        super().restore(state, step)
+        if state is not None and self._fragment_api():
+            for name, p in self.net.named_parameters():
+                dsx.set_full_fp32_param(p, state[name]["value"])
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, skip_nonfinite: bool = False) -> dict[str, float]:
         lr = self.lr()
+        for g in self.optimizer.param_groups:  # ZeRO's flat partitions, bf16's masters, or the host Adam's
+            g["lr"] = lr
         micro = list(self._micro(x, y))
         loss_sum, norm = 0.0, None
         for i, (xm, ym) in enumerate(micro):
@@ -328,84 +293,33 @@ class DeepSpeedEngine(Engine):
         self.engine.micro_steps += 1
         self.engine.global_steps += 1
         self.engine.global_samples += self.cfg.train.batch_size
-        if self.scheduler is not None:
-            self.scheduler.step()
 
     def _fragment_api(self) -> bool:
         return self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.precision == "bf16"
 
     def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         if not self._fragment_api():  # stage 0, fp32: the client torch optimizer itself
-            return torch_moments(self.engine.optimizer, p, self.cfg.train.optimizer)
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        out = {k: safe_get_full_optimizer_state(p, k) for k in MOMENT_KEYS[self.cfg.train.optimizer]}
+            return torch_moments(self.optimizer, p, self.cfg.train.optimizer)
+        out = {k: dsx.full_optimizer_state(p, k) for k in MOMENT_KEYS[self.cfg.train.optimizer]}
         return {k: v for k, v in out.items() if v is not None}
 
     def master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 master copy of a parameter (bf16 / ZeRO keep it apart from the module's)."""
-        if self._fragment_api():
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            return safe_get_full_fp32_param(p)
-        return p.detach()
+        return dsx.full_fp32_param(p) if self._fragment_api() else p.detach()
 
     def load_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
         if not self._fragment_api():  # stage 0, fp32: the client torch optimizer itself
-            set_torch_state(self.engine.optimizer, p, moments, step, self.cfg.train.optimizer)
+            set_torch_state(self.optimizer, p, moments, step, self.cfg.train.optimizer)
             return
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        self._ensure_inner_state(step)
+        if not self._inner_state_made:
+            dsx.ensure_inner_state(self.engine, self.cfg, step)
+            self._inner_state_made = True
         for k, v in moments.items():
-            safe_set_full_optimizer_state(p, v.to(p.device, torch.float32), k)
-
-    def _ensure_inner_state(self, step: int) -> None:
-        """ZeRO / bf16 keep flat fp32 partitions in an inner torch optimizer whose state is made
-        lazily on the first step; create it (zeros) so saved moments can be written into it."""
-        inner = self.engine.optimizer.optimizer
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                st = inner.state[flat]
-                if self.cfg.train.optimizer == "sgd":
-                    if self.cfg.train.momentum > 0:
-                        st.setdefault("momentum_buffer", torch.zeros_like(flat))
-                else:
-                    st.setdefault("exp_avg", torch.zeros_like(flat))
-                    st.setdefault("exp_avg_sq", torch.zeros_like(flat))
-                    st["step"] = torch.tensor(float(step))
-        # link each parameter's fragment to the new state (DeepSpeed does this after its first step)
-        self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+            dsx.set_full_optimizer_state(p, v, k)
 
     def save_native(self, path: str) -> None:
         """DeepSpeed's own checkpoint files (resuming always uses the layout-independent copy)."""
         self.engine.save_checkpoint(path, tag="ds", client_state={"step": self.step_count})
-
-
-def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
-    """DeepSpeed's configuration, generated from ours (never patched after loading)."""
-    p, t = cfg.parallel, cfg.train
-    micro = t.batch_size // layout.data_parallel
-    ds: dict[str, Any] = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro // cfg.micro_batches(layout.data_parallel),
-        "gradient_accumulation_steps": cfg.micro_batches(layout.data_parallel),
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": p.zero_stage},
-        "bf16": {"enabled": p.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "wall_clock_breakdown": False,
-    }
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
-    if p.offload_optimizer:  # the config refused offload with SGD
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        ds["optimizer"] = {"type": "AdamW" if t.optimizer == "adamw" else "Adam",
-                           "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
-        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": max(1, t.warmup_steps),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio}}
-    return ds
 
 
 def build_engine(net, cfg: Config, layout: Layout) -> Engine:

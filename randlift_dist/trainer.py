@@ -5,7 +5,9 @@ Order of events in `Trainer(cfg, layout)`: lift -> plan (collective) -> network 
 copy them into their master partitions when built) -> engine, which restores its own step count,
 moments and learning-rate schedule -> run directory outputs. Nothing is written to the run
 directory before the resume has been accepted, so a refused resume changes nothing on disk; a
-resumed run rewrites `metrics.jsonl` up to the resumed step, so every step appears once.
+resumed run rewrites `metrics.jsonl` up to the resumed step, so every step appears once. A run is
+finished only when its final checkpoint verifies (every block's sha256): a damaged one is reported
+and the run trains again from the newest intact checkpoint.
 
 `fit()` trains from the resumed step to `train.steps` (or to `train.stop_at`, when the run started
 before it) and returns the last record. Every step ends with one all-reduce of a small flag vector
@@ -84,7 +86,11 @@ class Trainer:
 
     # ------------------------------------------------------------ resume / save
     def _refuse_if_finished(self) -> None:
-        """Cheap check before any set-up: the newest checkpoint already reached `train.steps`."""
+        """Before any set-up: the newest checkpoint already reached `train.steps` and every block of
+        it verifies (sha256; files split over the ranks) -> `RunFinished`. A damaged one is kept in
+        `self.damaged` with its one-line problems: the resume skips it, reports them, and the run
+        trains again from the newest intact checkpoint to the end."""
+        self.damaged: dict[Path, list[str]] = {}
         if self.cfg.train.resume != "auto":
             return
         newest, _ = ckpt.find_intact(self.ckpt_root, verify=False)  # structure only: cheap, local
@@ -93,20 +99,26 @@ class Trainer:
         meta = ckpt.read_meta(newest)
         if int(meta["step"]) >= self.cfg.train.steps:
             ckpt.check_compatible(meta, self.cfg, self.lift, newest)  # a refused resume stays refused
-            raise RunFinished(f"run {self.run_dir} already finished: checkpoint {newest.name} is at step "
-                              f"{meta['step']} of train.steps={self.cfg.train.steps}; nothing to do "
-                              "(raise train.steps to train further, or use a new run.dir)")
+            bad = ckpt.verify_checksums(newest, self.layout)
+            if not bad:
+                raise RunFinished(f"run {self.run_dir} already finished: checkpoint {newest.name} is at step "
+                                  f"{meta['step']} of train.steps={self.cfg.train.steps}; nothing to do "
+                                  "(raise train.steps to train further, or use a new run.dir)")
+            self.damaged[newest] = [f"{line} (the final checkpoint: training to step {self.cfg.train.steps} again)"
+                                    for line in bad]
 
     def resume(self) -> tuple[Path | None, int, dict | None]:
         """Load the checkpoint's weights into the network: `(path, step, saved rows)`.
 
         `train.resume`: `auto` takes the newest intact checkpoint of the run directory (damaged
-        ones are reported in one line each and skipped), `none` starts fresh, a path loads that one."""
+        ones, a damaged final one included, are reported in one line each and skipped), `none`
+        starts fresh, a path loads that one."""
         how = self.cfg.train.resume
         if how == "none":
             return None, 0, None
         if how == "auto":
-            return ckpt.load_latest(self.ckpt_root, self.cfg, self.lift, self.net, layout=self.layout)
+            return ckpt.load_latest(self.ckpt_root, self.cfg, self.lift, self.net, layout=self.layout,
+                                    damaged=self.damaged)
         step, state = ckpt.load_weights(Path(how), self.cfg, self.lift, self.net)
         return Path(how), step, state
 

@@ -174,6 +174,22 @@ def test_damage_is_one_line_and_resume_falls_back(tmp_path, run, how):
     assert assert_loaded(good, cfg, lift, engines[1]) == 1
 
 
+def test_verify_checksums_and_a_damage_found_by_the_caller(tmp_path, run):
+    """`verify_checksums` hashes every block of one checkpoint (the finished-run check); a
+    checkpoint the caller found damaged is skipped by `load_latest` with the caller's lines."""
+    cfg, lift, _ = run
+    final = tmp_path / "step_00000002"
+    assert ck.verify_checksums(final) == []
+    flip16(final, "readouts.v3")
+    bad = ck.verify_checksums(final)
+    assert len(bad) == 1 and "\n" not in bad[0] and str(final / "shard_0000.bin") in bad[0] and "sha256" in bad[0]
+    lines = []
+    _, net = make(cfg)
+    path, step, _ = ck.load_latest(tmp_path, cfg, lift, net, report=lines.append, damaged={final: ["final: damaged"]})
+    assert (path, step) == (tmp_path / "step_00000001", 1)
+    assert lines == ["final: damaged", f"resuming from {tmp_path / 'step_00000001'} (newest intact checkpoint)"]
+
+
 def test_latest_pointing_at_a_bad_or_missing_checkpoint(tmp_path, run):
     cfg, lift, _ = run
     (tmp_path / "step_00000001" / "shard_0000.bin").write_bytes(b"")

@@ -27,7 +27,7 @@ ORDER = [
     "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
     "config_parse", "config", "tasks", "planstats", "estimate",
     "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
-    "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
+    "engine_deepspeed", "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API

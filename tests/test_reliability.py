@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from launch import launch, metrics, train_env
+from randlift_dist import checkpoint as ck
 
 FAST = ["parallel.engine=torch", "wandb.mode=disabled", "model.lift.size=32", "data.n_train=256", "data.n_test=64",
         "train.batch_size=32", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=0"]
@@ -91,6 +92,48 @@ def test_reruns_stop_at_and_refused_resumes(tmp_path):
             "a refused resume changed files in the run directory"
     allowed = run(tmp_path, "train.steps=14", "data.teacher_seed=7", "train.resume_allow_data_change=true")
     assert allowed.returncode == 0 and steps_logged(tmp_path) == list(range(1, 15)), allowed.stderr[-2000:]
+
+
+def flip_byte(path: Path, where: float = 0.5) -> None:
+    """Flip one byte of a file, at the fraction `where` of its length (inside some checksummed block)."""
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.timeout(300)
+def test_a_damaged_final_checkpoint_is_reported_and_trained_again(tmp_path):
+    """Issue 18: a finished run whose final checkpoint has a flipped byte is not 'already finished':
+    the same command names the damaged file in one line, resumes from the newest intact checkpoint
+    and trains to the end again, on the same curve; then it is finished."""
+    same = ["train.steps=8", "checkpoint.every=4", "checkpoint.keep=3"]
+    first = run(tmp_path, *same)
+    assert first.returncode == 0, first.stderr[-2000:]
+    curve = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r}
+    final = tmp_path / "checkpoints" / "step_00000008"
+    flip_byte(final / "shard_0000.bin")
+    second = run(tmp_path, *same)
+    assert second.returncode == 0 and "already finished" not in second.stdout, second.stdout + second.stderr[-2000:]
+    no_traceback(second)
+    named = [ln for ln in second.stderr.splitlines() if str(final) in ln and "checkpoint:" in ln]
+    assert len(named) == 1 and "shard_0000.bin" in named[0] and "sha256" in named[0], second.stderr[-2000:]
+    assert sum("sha256" in ln for ln in second.stderr.splitlines()) == 1
+    assert "final checkpoint" in named[0] and "training to step 8 again" in named[0]
+    resumed = tmp_path / "checkpoints" / "step_00000004"
+    assert f"resuming from {resumed} (newest intact checkpoint)" in second.stderr, second.stderr[-2000:]
+    assert "final step 8" in second.stdout
+    assert steps_logged(tmp_path) == list(range(1, 9))  # each step once, 5..8 trained again
+    assert {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r} == curve
+    assert ck.find_intact(tmp_path / "checkpoints") == (final, [])  # the final checkpoint written anew
+    third = run(tmp_path, *same)
+    assert third.returncode == 0 and "already finished" in third.stdout, third.stdout + third.stderr[-2000:]
+    assert len((third.stdout + third.stderr).strip().splitlines()) == 1
+    # every checkpoint damaged, the final one included: trained again from step 0, still exit 0
+    for d in (tmp_path / "checkpoints").glob("step_*"):
+        flip_byte(d / "shard_0000.bin", 0.25)
+    fourth = run(tmp_path, *same)
+    assert fourth.returncode == 0 and "no intact checkpoint: starting from step 0" in fourth.stderr, fourth.stderr
+    assert {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r} == curve
 
 
 @pytest.mark.timeout(300)
