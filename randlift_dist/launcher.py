@@ -263,6 +263,8 @@ class Launch:
 
     def run(self) -> int:
         k = self.k = self.store.attempt()
+        if k:
+            say(f"the job is at attempt {k + 1} of {self.attempts}: joining it")
         while True:
             if (ended := self.store.ended()) is not None:
                 return self.finish(ended[0], ended[1] or None, k, quiet=ended[0] in (0, EXIT_STOPPED))
