@@ -117,7 +117,7 @@ def read_status(run_dir: Path, launch_id: str, attempt: int | None = None) -> di
     try:
         st = json.loads((run_dir / "exit_status.json").read_text())
         ok = st.get("launch_id") == launch_id and (attempt is None or int(st.get("attempt", -1)) == attempt)
-        return {"code": int(st["code"]), "message": str(st["message"])} if ok else None
+        return {"code": int(st["code"]), "message": str(st["message"]), "said": bool(st.get("said"))} if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -283,12 +283,15 @@ class Launch:
             self.note(f"attempt {k + 1}: {describe(failures) or 'every worker exited 0'}: {kind}")
             if kind == "done":
                 return self.finish(0, None, k)
-            if kind == "stopped":  # the trainer said where it stopped and that its checkpoint is written
-                return self.finish(code, status["message"] if status else "stopped on request", k, quiet=True)
+            if kind == "stopped":  # every worker stopped on request; the trainer wrote where
+                return self.finish(code, f"randlift-train: {status['message']}" if status else
+                                   f"{TAG}: {describe(failures)}: stopped on request",
+                                   k, quiet=bool(status and status["said"]))
             why = f"attempt {k + 1} of {self.attempts} failed: {describe(failures)}"
             if kind == "final":
-                return self.finish(code, f"randlift-train: {status['message']}" if status and status["code"] == code
-                                   else f"{TAG}: {why} (status {code}: a restart would repeat it)", k)
+                if status and status["code"] == code:
+                    return self.finish(code, f"randlift-train: {status['message']}", k, quiet=status["said"])
+                return self.finish(code, f"{TAG}: {why} (status {code}: a restart would repeat it)", k)
             if k + 1 >= self.attempts:
                 reason = f": {status['message']}" if status else ""
                 return self.finish(code, f"{TAG}: {why}{reason}; no restarts left (--max-restarts "
@@ -303,9 +306,7 @@ class Launch:
         status = read_status(self.run_dir, self.launch_id, k)
         name = signal.Signals(sig).name
         if status is not None and status["code"] in (0, EXIT_STOPPED, *FINAL):
-            quiet = status["code"] in (0, EXIT_STOPPED)  # the trainer said it
-            return self.finish(status["code"], status["message"] if quiet else f"randlift-train: {status['message']}",
-                               k, quiet=quiet)
+            return self.finish(status["code"], f"randlift-train: {status['message']}", k, quiet=status["said"])
         return self.finish(128 + sig, f"{TAG}: stopped by {name}; no worker reported a clean stop (they have "
                                       f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to checkpoint): run the same command "
                                       "again to continue from the newest checkpoint", k)
@@ -320,7 +321,7 @@ def report(rc: int, run_dir: Path, launch_id: str) -> int:
     """A failed job's one message: the trainer's status of this launch, else the agent logs' tails."""
     st = read_status(run_dir, launch_id)
     if st is not None and st["code"]:
-        if st["code"] != EXIT_STOPPED:
+        if not st["said"]:
             print(f"randlift-train: {st['message']}", file=sys.stderr, flush=True)
         return st["code"]
     for log in sorted(run_dir.glob("torchrun-*.log")):

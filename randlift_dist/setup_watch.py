@@ -17,7 +17,9 @@ process is using CPU:
   nodes sharing a home directory with skewed clocks agree. A stale lock ends the process with one
   line naming the file and `rm <file>` as the fix, and status 2 (the machine needs a fix that a
   restart would not make). A live build on another node sharing the directory that writes nothing
-  for `JIT_LOCK_GRACE_S` is the one case this rule calls stale by mistake.
+  for `JIT_LOCK_GRACE_S` is the one case this rule calls stale by mistake. Only local rank 0 judges
+  (every rank of a node loads DeepSpeed's ops at the same point, so it waits on the same lock):
+  the line is said once per node, and the other local ranks are stopped by the launcher.
 - **Any other wait.** When the process has been idle (under 10 % of one core in every poll) for
   `notice_s` within one phase, one line says which phase and where the main thread waits (file,
   line and function of the innermost frames of this package and below it). When it has been idle
@@ -169,7 +171,7 @@ class SetupWatch:
             phase, in_phase = self._phase, now - self._since
             lock = _baton_lock()
             if lock is not None:
-                reason = stale_lock_reason(lock)
+                reason = stale_lock_reason(lock) if self.local_rank == 0 else None
                 if reason is not None:
                     self._end(EXIT_INPUT, f"stale JIT build lock {lock} ({reason}): a build of this op was "
                                           f"killed while holding it; remove it (rm {lock}) and start again")

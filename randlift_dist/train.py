@@ -19,12 +19,14 @@ same under every launcher (plain python, torchrun, `randlift-launch` / `launch/r
   command run again continues; a second Ctrl-C interrupts at once with 130 (the steps since the
   last checkpoint are lost).
 
-Each error is one line on stderr naming the step and what was being done; under a launcher only
-rank 0 prints a config error, and rank 0 writes `<run.dir>/exit_status.json` (`{"code",
-"message", "launch_id", "attempt"}`) at every exit: launchers match `RANDLIFT_LAUNCH_ID` and
-`RANDLIFT_ATTEMPT` (their environment, passed to the workers) instead of file times. While the
-process group forms and the trainer is built, `setup_watch.SetupWatch` says what a long wait waits
-for and ends a wait past `parallel.setup_timeout_s`.
+Each error is one line on stderr naming the step and what was being done, said once: bad input
+and non-finite steps by rank 0 only, and under `randlift-launch` (RANDLIFT_LAUNCHER_REPORTS=1)
+rank 0's line by the launcher. Rank 0 writes `<run.dir>/exit_status.json` (`{"code", "message",
+"said", "launch_id", "attempt"}`; `said`: whether it printed the message itself) at every exit:
+launchers match `RANDLIFT_LAUNCH_ID` and `RANDLIFT_ATTEMPT` (their environment, passed to the
+workers) instead of file times. While the process group forms and the trainer is built,
+`setup_watch.SetupWatch` says what a long wait waits for and ends a wait past
+`parallel.setup_timeout_s`; a stop signal then ends set-up at once (`StopRequested`, status 75).
 
 Memory (`limit_heap`, before anything is built): glibc's mmap threshold is fixed at
 `HEAP_MMAP_THRESHOLD` (4 MiB), so every tensor of that size or more has its own mapping and goes
@@ -122,10 +124,12 @@ def check(config: str | None, overrides: list[str], world_size: int) -> Config:
     return cfg
 
 
-def _write_status(cfg: Config | None, rank: int, code: int, message: str) -> None:
+def _write_status(cfg: Config | None, rank: int, code: int, message: str, said: bool) -> None:
+    """Rank 0's exit_status.json; `said`: whether this process printed the message itself (a
+    launcher prints it otherwise)."""
     if cfg is None or rank != 0:
         return
-    status = {"code": code, "message": message, "launch_id": os.environ.get("RANDLIFT_LAUNCH_ID"),
+    status = {"code": code, "message": message, "said": said, "launch_id": os.environ.get("RANDLIFT_LAUNCH_ID"),
               "attempt": int(os.environ.get("RANDLIFT_ATTEMPT", "0") or 0)}
     try:
         d = Path(cfg.run.dir)
@@ -241,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
     stop_signal = 0 if code != EXIT_OK or trainer is None else int(result.get("stopped_by_signal", 0))
     me = layout.rank if layout is not None else rank
+    launcher_says = os.environ.get("RANDLIFT_LAUNCHER_REPORTS") == "1"
     if code == EXIT_OK:
         if me == 0:
             print(msg if msg.startswith("final") else f"randlift-train: {msg}", flush=True)
@@ -248,15 +253,16 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_STOPPED
             msg = (f"stopped at step {result['step']} by {signal.Signals(stop_signal).name}: checkpoint written; "
                    "run the same command again to continue")
-        _write_status(cfg, me, code, msg)
+        _write_status(cfg, me, code, msg, said=True)
     elif stopped_in_setup:
-        if me == 0:  # every rank got the signal
+        if me == 0 and not launcher_says:  # every rank got the signal; a launcher knows whether it sent it
             print(f"randlift-train: {msg}", file=sys.stderr, flush=True)
-        _write_status(cfg, me, code, msg)
+        _write_status(cfg, me, code, msg, said=not launcher_says)
     else:
-        if _should_print(code, me):
+        said = _should_print(code, me)
+        if said:
             print(f"randlift-train: rank {me}: {msg}", file=sys.stderr, flush=True)
-        _write_status(cfg, me, code, msg)
+        _write_status(cfg, me, code, msg, said=said)
     if dist.is_initialized():
         if code == EXIT_OK or (code == EXIT_STOPPED and not stopped_in_setup):
             dist.barrier()
@@ -269,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
 def _say_and_record(cfg: Config, rank: int, local_rank: int, code: int, text: str) -> None:
     """The set-up watch's last line: rank 0 records it (and prints it unless a launcher reports
     it); on other nodes their local rank 0 prints what it found there."""
-    if (rank == 0 and os.environ.get("RANDLIFT_LAUNCHER_REPORTS") != "1") or (rank != 0 and local_rank == 0):
+    said = (rank == 0 and os.environ.get("RANDLIFT_LAUNCHER_REPORTS") != "1") or (rank != 0 and local_rank == 0)
+    if said:
         print(f"randlift-train: rank {rank}: {text}", file=sys.stderr, flush=True)
-    _write_status(cfg, rank, code, text)
+    _write_status(cfg, rank, code, text, said=said)
 
 
 if __name__ == "__main__":
