@@ -18,8 +18,8 @@ In order:
 3. **The decision, from the workers' exit codes** (`ChildFailedError.failures`, with rank 0's
    status of this attempt): 2 (bad input) or 3 (non-finite) anywhere: stop at once with that
    status; 75 from every failed rank (stopped on request, checkpoint written): stop with 75;
-   otherwise (1, a signal such as SIGKILL) restart from the latest checkpoint, up to `--max-restarts` restarts per job, and
-   say why in one line (`randlift-launch: attempt 1 of 4 failed: SIGKILL to rank 1, exit status 1
+   otherwise (1, a signal such as SIGKILL) restart from the latest checkpoint, up to
+   `--max-restarts` restarts per job (not per node), and say why in one line (`randlift-launch: attempt 1 of 4 failed: SIGKILL to rank 1, exit status 1
    from rank 0: restarting ...`). All exit 0: done.
 4. **One message at the end** (unless `--no-report`: the caller reports once for many nodes):
    the trainer's message from `exit_status.json` and its status, or what the exit codes say.
@@ -39,22 +39,22 @@ this terminal). No torch method is replaced and no file time is read.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 from .job_store import JobStore, is_local_address
+from .outcome import EXIT_ERROR, EXIT_INPUT, EXIT_STOPPED, FINAL, classify, describe, read_status, report
 
-EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE, EXIT_STOPPED = 1, 2, 3, 75  # as randlift_dist.train
-FINAL = (EXIT_INPUT, EXIT_NONFINITE)
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 TAG = "randlift-launch"
+WAIT_NOTICE_S = 30.0  # a rendezvous this long with no worker started is named on the terminal
 
 
 def say(text: str) -> None:
@@ -105,55 +105,12 @@ def run_dir_of(train_args: list[str], world: int) -> tuple[int, Path | None]:
     except SystemExit as e:  # argparse said why
         return (e.code if isinstance(e.code, int) else EXIT_INPUT) or EXIT_INPUT, None
     try:
-        cfg = train.check(args.config, args.overrides, world) if world else train.load_config(args.config, args.overrides)
+        cfg = (train.check(args.config, args.overrides, world) if world else
+               train.load_config(args.config, args.overrides))
     except (ConfigError, LayoutError) as err:
         print(f"randlift-train: config error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         return EXIT_INPUT, None
     return 0, Path(cfg.run.dir)
-
-
-def read_status(run_dir: Path, launch_id: str, attempt: int | None = None) -> dict | None:
-    """Rank 0's exit_status.json if it belongs to this launch (and attempt, unless None)."""
-    try:
-        st = json.loads((run_dir / "exit_status.json").read_text())
-        ok = st.get("launch_id") == launch_id and (attempt is None or int(st.get("attempt", -1)) == attempt)
-        return {"code": int(st["code"]), "message": str(st["message"]), "said": bool(st.get("said"))} if ok else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def describe(failures: dict[int, int]) -> str:
-    """`{rank: exitcode}` (negative: a signal) in words: 'SIGKILL to rank 1, exit status 1 from ranks 0, 2'."""
-    by_code: dict[int, list[int]] = {}
-    for rank, code in sorted(failures.items()):
-        by_code.setdefault(code, []).append(rank)
-    parts = []
-    for code, ranks in sorted(by_code.items()):
-        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-        if code < 0:
-            try:
-                parts.append(f"{signal.Signals(-code).name} to {who}")
-            except ValueError:
-                parts.append(f"signal {-code} to {who}")
-        else:
-            parts.append(f"exit status {code} from {who}")
-    return ", ".join(parts)
-
-
-def classify(failures: dict[int, int], status: dict | None) -> tuple[str, int]:
-    """(`done` | `final` | `stopped` | `retry`, the job's status) from one attempt's exit codes and
-    rank 0's status of that attempt. `stopped` needs every failed rank to have stopped on request:
-    torchrun's agent sends SIGTERM to the survivors of a failure, and a survivor still in set-up
-    then exits 75 too, beside the rank that failed."""
-    codes = set(failures.values()) | ({status["code"]} if status and status["code"] else set())
-    final = sorted(c for c in codes if c in FINAL)
-    if final:
-        return "final", status["code"] if status and status["code"] in final else final[0]
-    if codes == {EXIT_STOPPED}:
-        return "stopped", EXIT_STOPPED
-    if not failures:
-        return "done", 0
-    return "retry", EXIT_ERROR
 
 
 class Launch:
@@ -164,20 +121,38 @@ class Launch:
         if opts.nodes == (1, 1):  # this node alone: the store on a free local port
             host, port, self.is_host, self.rdzv_id = "127.0.0.1", 0, True, f"local-{os.getpid()}"
             opts.local_addr = opts.local_addr or "127.0.0.1"
+            tag = socket.gethostname().split(".")[0]
         else:
-            host, _, port = opts.rdzv_endpoint.rpartition(":") if ":" in opts.rdzv_endpoint else (opts.rdzv_endpoint, "", "29400")
-            port = int(port)
+            host, _, port = opts.rdzv_endpoint.partition(":")
+            port = int(port or 29400)
             self.is_host = opts.is_host == "1" if opts.is_host is not None else is_local_address(host)
             self.rdzv_id = opts.rdzv_id
-        tag = socket.gethostname().split(".")[0] + (f"-{opts.local_addr}" if opts.local_addr and opts.nodes != (1, 1) else "")
+            tag = socket.gethostname().split(".")[0] + (f"-{opts.local_addr}" if opts.local_addr else "")
         self.log_path = run_dir / f"torchrun-{tag}.log"
         self.log = open(self.log_path, "a", buffering=1)
         self._log_torch_here()
+        self._wait: tuple[float, str] | None = None  # a blocking wait the watcher may name
+        threading.Thread(target=self._watch, name="randlift-launch-watch", daemon=True).start()
+        if not self.is_host:
+            self._wait = (time.monotonic(), f"the rendezvous store at {host}:{port} (the launcher of the host node)")
         self.store = JobStore(host, port, self.is_host, self.rdzv_id, timeout_s=opts.join_timeout)
+        self._wait = None
         self.endpoint = f"{host}:{self.store.port}"
-        mine = opts.launch_id or os.environ.get("RANDLIFT_LAUNCH_ID")
-        self.launch_id = self.store.launch_id(mine)
+        self.launch_id = self.store.launch_id(opts.launch_id or os.environ.get("RANDLIFT_LAUNCH_ID"))
         self.attempts = opts.max_restarts + 1
+
+    def _watch(self) -> None:
+        """Never wait silently: a rendezvous (or the store) that keeps this node waiting, with no
+        worker started, is named once after WAIT_NOTICE_S."""
+        said: set[str] = set()
+        while True:
+            time.sleep(2.0)
+            wait = self._wait
+            if wait is None or wait[1] in said or time.monotonic() - wait[0] < WAIT_NOTICE_S or _has_children():
+                continue
+            said.add(wait[1])
+            say(f"waiting {time.monotonic() - wait[0]:.0f} s for {wait[1]}; --join-timeout "
+                f"{self.opts.join_timeout} s (RDZV_JOIN_TIMEOUT) ends the wait")
 
     def note(self, text: str) -> None:
         print(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {text}", file=self.log, flush=True)
@@ -207,7 +182,7 @@ class Launch:
         """One torchrun launch: (`ok` | `failed` | `closed` | `agent-error`, {rank: exit code})."""
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-        from torch.distributed.elastic.rendezvous import RendezvousClosedError
+        from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousTimeoutError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
         os.environ["RANDLIFT_ATTEMPT"] = str(k)
         o = self.opts
@@ -217,6 +192,7 @@ class Launch:
                            rdzv_configs={"join_timeout": o.join_timeout, "read_timeout": 120, "is_host": self.is_host})
         self.note(f"pid {os.getpid()}: attempt {k + 1} of {self.attempts} (round {cfg.run_id} at {self.endpoint}, "
                   f"launch {self.launch_id}): python -u -m randlift_dist.train {' '.join(self.train_args)}")
+        self._wait = (time.monotonic(), f"{o.nnodes} node(s) at the rendezvous round {cfg.run_id} at {self.endpoint}")
         try:
             elastic_launch(cfg, sys.executable)("-u", "-m", "randlift_dist.train", *self.train_args)
             return "ok", {}
@@ -226,9 +202,14 @@ class Launch:
             return "closed", {}
         except SignalException:
             raise  # a stop: the agent forwarded it to the workers and waited for them
-        except Exception:  # noqa: BLE001 - a rendezvous that timed out, an agent error: the wall goes to the log
+        except Exception as err:  # noqa: BLE001 - a rendezvous that timed out, an agent error: the wall goes to the log
             traceback.print_exc(file=self.log)
+            self.agent_error = (f"{type(err).__name__}: {' '.join(str(err).split())[:300]}" if not
+                                isinstance(err, RendezvousTimeoutError) else f"not all of {o.nnodes} node(s) "
+                                f"joined round {cfg.run_id} within --join-timeout {o.join_timeout} s")
             return "agent-error", {}
+        finally:
+            self._wait = None
 
     def close_round(self, k: int) -> None:
         from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -276,9 +257,9 @@ class Launch:
                 if ended is not None:
                     return self.finish(ended[0], ended[1] or None, k, quiet=ended[0] in (0, EXIT_STOPPED))
                 continue
-            if how == "agent-error":
-                msg = (status or {}).get("message") or f"torchrun failed before its workers ended (see {self.log_path})"
-                return self.finish(EXIT_ERROR, f"{TAG}: {msg}", k)
+            if how == "agent-error":  # no worker exit codes: nothing to restart from
+                return self.finish(EXIT_ERROR, f"{TAG}: attempt {k + 1}: torchrun failed ({self.agent_error}); "
+                                               f"see {self.log_path}", k)
             kind, code = classify(failures, status)
             self.note(f"attempt {k + 1}: {describe(failures) or 'every worker exited 0'}: {kind}")
             if kind == "done":
@@ -297,7 +278,8 @@ class Launch:
                 return self.finish(code, f"{TAG}: {why}{reason}; no restarts left (--max-restarts "
                                          f"{self.opts.max_restarts})", k)
             reason = f" ({status['message']})" if status else ""
-            say(f"{why}{reason}: restarting from the latest checkpoint (restart {k + 1} of {self.opts.max_restarts})")
+            say(f"{why}{reason}: restarting from the latest checkpoint (restart {k + 1} of "
+                f"{self.opts.max_restarts})")
             k = self.k = max(self.store.advance(k), k + 1)
 
     def stopped(self, sig: int) -> int:
@@ -312,23 +294,21 @@ class Launch:
                                       "again to continue from the newest checkpoint", k)
 
 
+def _has_children() -> bool:
+    """True if a process of this machine has this process as its parent (the workers)."""
+    me = os.getpid()
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
 def _raise_stop(signum, frame):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     raise SignalException(f"{TAG} got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
-
-
-def report(rc: int, run_dir: Path, launch_id: str) -> int:
-    """A failed job's one message: the trainer's status of this launch, else the agent logs' tails."""
-    st = read_status(run_dir, launch_id)
-    if st is not None and st["code"]:
-        if not st["said"]:
-            print(f"randlift-train: {st['message']}", file=sys.stderr, flush=True)
-        return st["code"]
-    for log in sorted(run_dir.glob("torchrun-*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-20:]
-        say(f"the job failed (status {rc}) and the trainer left no status; last {len(lines)} lines of {log}:")
-        print("\n".join(lines), file=sys.stderr, flush=True)
-    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

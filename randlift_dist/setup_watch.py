@@ -113,10 +113,11 @@ def _baton_lock() -> Path | None:
 
 
 def where(stack: list[traceback.FrameSummary]) -> str:
-    """The innermost frame of this package and the innermost frame below it (a library's wait)."""
+    """The innermost frame of this package, then the innermost frame of all (a library's wait)."""
     ours = [i for i, f in enumerate(stack) if f"{os.sep}randlift_dist{os.sep}" in f.filename]
+    picks = ours[-1:] + ([len(stack) - 1] if stack and (not ours or ours[-1] < len(stack) - 1) else [])
     parts = []
-    for i in ([ours[-1]] if ours else []) + ([len(stack) - 1] if stack and (not ours or ours[-1] < len(stack) - 1) else []):
+    for i in picks:
         f = stack[i]
         name = f.filename.split(f"site-packages{os.sep}")[-1].split(f"{os.sep}randlift_dist{os.sep}")[-1]
         parts.append(f"{name}:{f.lineno} ({f.name})")

@@ -26,7 +26,7 @@ ORDER = [
     # the stages
     "graph", "lift", "launch_env", "setup_watch", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
     "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",
-    "job_store", "launcher",
+    "job_store", "outcome", "launcher",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API

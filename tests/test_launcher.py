@@ -28,7 +28,7 @@ import pytest
 
 from launch import REPO, launcher_cmd, launcher_env, partial_metrics, train_env
 from randlift_dist.job_store import JobStore, is_local_address
-from randlift_dist.launcher import classify, describe, read_status
+from randlift_dist.outcome import classify, describe, read_status
 
 SMALL = ["model.lift.size=48", "data.n_train=256", "data.n_test=64", "train.batch_size=32", "train.eval_every=0",
          "wandb.mode=disabled", "run.progress=false"]
@@ -164,14 +164,14 @@ def test_stale_jit_lock_under_the_launcher_ends_in_one_line(tmp_path):
     old = time.time() - 600  # left by a start killed ten minutes ago
     os.utime(lock, (old, old))
     t0 = time.monotonic()
-    proc = subprocess.run(launcher_cmd("run.sh", tmp_path / "run", *SMALL, "parallel.engine=deepspeed", "train.steps=3"),
-                          env=launcher_env({"NPROC": "2", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}), cwd=REPO,
+    cmd = launcher_cmd("run.sh", tmp_path / "run", *SMALL, "parallel.engine=deepspeed", "train.steps=3")
+    proc = subprocess.run(cmd, env=launcher_env({"NPROC": "2", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}), cwd=REPO,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert time.monotonic() - t0 < 200
     said = [line for line in proc.stderr.splitlines() if str(lock) in line]
-    assert len(said) == 1 and f"(rm {lock})" in said[0] and said[0].startswith("randlift-train: stale JIT build lock"), \
-        proc.stderr[-3000:]
+    assert len(said) == 1 and f"(rm {lock})" in said[0], proc.stderr[-3000:]
+    assert said[0].startswith("randlift-train: stale JIT build lock"), proc.stderr[-3000:]
     assert "restarting" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lock.exists()  # never removed behind the user's back
 
