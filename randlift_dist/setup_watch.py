@@ -19,7 +19,9 @@ process is using CPU:
   restart would not make). A live build on another node sharing the directory that writes nothing
   for `JIT_LOCK_GRACE_S` is the one case this rule calls stale by mistake. Only local rank 0 judges
   (every rank of a node loads DeepSpeed's ops at the same point, so it waits on the same lock):
-  the line is said once per node, and the other local ranks are stopped by the launcher.
+  the line is said once per node, and the other local ranks are stopped by the launcher. A lock
+  that a live build holds is named after `LOCK_NOTICE_S` of waiting, and a wait on it that passes
+  `timeout_s` ends like any other wait (below).
 - **Any other wait.** When the process has been idle (under 10 % of one core in every poll) for
   `notice_s` within one phase, one line says which phase and where the main thread waits (file,
   line and function of the innermost frames of this package and below it). When it has been idle
@@ -87,7 +89,8 @@ def stale_lock_reason(lock: Path, grace_s: float = JIT_LOCK_GRACE_S) -> str | No
     if now - made < grace_s:
         return None
     try:
-        latest = max((f.stat().st_mtime for f in op_dir.rglob("*") if f.name != "lock"), default=made)
+        latest = max((f.stat().st_mtime for f in op_dir.rglob("*")
+                      if f.name != "lock" and not f.name.startswith(".randlift-clock-")), default=made)
     except OSError:
         return None  # files appearing and going: a build is running
     if now - latest < grace_s:
@@ -113,13 +116,20 @@ def _baton_lock() -> Path | None:
 
 
 def where(stack: list[traceback.FrameSummary]) -> str:
-    """The innermost frame of this package, then the innermost frame of all (a library's wait)."""
-    ours = [i for i, f in enumerate(stack) if f"{os.sep}randlift_dist{os.sep}" in f.filename]
-    picks = ours[-1:] + ([len(stack) - 1] if stack and (not ours or ours[-1] < len(stack) - 1) else [])
+    """Where the main thread waits: the innermost frame of this package, the innermost frame of an
+    installed library below it (torch, deepspeed: e.g. a JIT build's ninja run) and the innermost
+    frame of all (a `subprocess` or `threading` wait), each once."""
+    def last(pred):
+        return max((i for i, f in enumerate(stack) if pred(f.filename)), default=None)
+
+    ours = last(lambda f: f"{os.sep}randlift_dist{os.sep}" in f)
+    lib = last(lambda f: "site-packages" in f and f"{os.sep}randlift_dist{os.sep}" not in f)
+    picks = sorted({i for i in (ours, lib, len(stack) - 1 if stack else None) if i is not None})
     parts = []
     for i in picks:
         f = stack[i]
         name = f.filename.split(f"site-packages{os.sep}")[-1].split(f"{os.sep}randlift_dist{os.sep}")[-1]
+        name = name if name != f.filename else os.path.basename(name)  # the standard library: its file name
         parts.append(f"{name}:{f.lineno} ({f.name})")
     return " -> ".join(parts) or "unknown"
 
@@ -134,6 +144,7 @@ class SetupWatch:
         self.poll_s = poll_s
         self._phase, self._since = "set-up", time.monotonic()
         self._noticed: set[tuple[str, str]] = set()
+        self._locks: dict[str, float] = {}  # lock file -> when the main thread was first seen waiting on it
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="randlift-setup-watch", daemon=True)
 
@@ -169,22 +180,23 @@ class SetupWatch:
                 seen, idle_since = (self._phase, self._since), (None if busy else now)
             elif idle_since is None:
                 idle_since = now
-            phase, in_phase = self._phase, now - self._since
-            lock = _baton_lock()
+            phase, lock = self._phase, _baton_lock()
+            waited = 0.0 if idle_since is None else now - idle_since
             if lock is not None:
+                since = self._locks.setdefault(str(lock), now)
                 reason = stale_lock_reason(lock) if self.local_rank == 0 else None
                 if reason is not None:
                     self._end(EXIT_INPUT, f"stale JIT build lock {lock} ({reason}): a build of this op was "
                                           f"killed while holding it; remove it (rm {lock}) and start again")
-                if in_phase >= LOCK_NOTICE_S and ("lock", str(lock)) not in self._noticed:
+                if now - since >= LOCK_NOTICE_S and ("lock", str(lock)) not in self._noticed:
                     self._noticed.add(("lock", str(lock)))
                     who = _builders_in(lock.parent)
                     self._notice(f"{phase}: waiting for the JIT build lock {lock} "
                                  + (f"(a build runs on this machine: pid {', '.join(map(str, who))})" if who else
                                     f"(no build of it runs on this machine: it is called stale when "
                                     f"{JIT_LOCK_GRACE_S:.0f} s old)"))
-                continue
-            waited = 0.0 if idle_since is None else now - idle_since
+                if waited < self.timeout_s:  # said above; a lock held past the timeout ends below
+                    continue
             if waited < self.notice_s:
                 continue
             at = where(_main_stack())
