@@ -85,3 +85,13 @@ class JobStore:
         now = self.attempt()
         if now > ran:
             close_round(now)
+
+
+def close_round(endpoint: str, run_id: str, nodes: tuple[int, int], is_host: bool, local_addr: str | None) -> None:
+    """Close the c10d rendezvous round `run_id` at `endpoint` (torch's public handler API): a node
+    waiting in it raises RendezvousClosedError, and no node can join it any more."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+    params = RendezvousParameters(backend="c10d", endpoint=endpoint, run_id=run_id, min_nodes=nodes[0],
+                                  max_nodes=nodes[1], local_addr=local_addr, is_host=is_host, read_timeout=30)
+    get_rendezvous_handler(params).set_closed()

@@ -49,7 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .job_store import JobStore, is_local_address
+from .job_store import JobStore, close_round, is_local_address
 from .outcome import EXIT_ERROR, EXIT_INPUT, EXIT_STOPPED, FINAL, classify, describe, read_status, report
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -212,12 +212,7 @@ class Launch:
             self._wait = None
 
     def close_round(self, k: int) -> None:
-        from torch.distributed.elastic.rendezvous import RendezvousParameters
-        from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
-        params = RendezvousParameters(backend="c10d", endpoint=self.endpoint, run_id=f"{self.rdzv_id}-{k}",
-                                      min_nodes=self.opts.nodes[0], max_nodes=self.opts.nodes[1],
-                                      local_addr=self.opts.local_addr, is_host=self.is_host, read_timeout=30)
-        get_rendezvous_handler(params).set_closed()
+        close_round(self.endpoint, f"{self.rdzv_id}-{k}", self.opts.nodes, self.is_host, self.opts.local_addr)
 
     def finish(self, code: int, message: str | None, k: int, quiet: bool = False) -> int:
         """End the job with `code`: record it for the other nodes, say it once (unless the caller

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from launch import REPO, launcher_cmd, launcher_env, partial_metrics, train_env
-from randlift_dist.job_store import JobStore, is_local_address
+from randlift_dist.job_store import JobStore, close_round, is_local_address
 from randlift_dist.outcome import classify, describe, read_status
 
 SMALL = ["model.lift.size=48", "data.n_train=256", "data.n_test=64", "train.batch_size=32", "train.eval_every=0",
@@ -76,6 +76,35 @@ def test_job_store_agrees_on_attempts_launch_id_and_end():
     assert closed == [1]
     assert is_local_address("127.0.0.1") and not is_local_address("203.0.113.7")
     assert is_local_address(socket.gethostname()) in (True, False)  # resolves or not, never raises
+
+
+@pytest.mark.timeout(120)
+def test_closing_a_round_wakes_a_node_waiting_in_it():
+    """The round a node waits in for a node that will not come (the job ended elsewhere) is closed
+    through torch's rendezvous handler: the waiting node's rendezvous raises RendezvousClosedError."""
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousParameters
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+    store = JobStore("127.0.0.1", 0, True, "job", timeout_s=20)
+    endpoint = f"127.0.0.1:{store.port}"
+    params = RendezvousParameters(backend="c10d", endpoint=endpoint, run_id="job-1", min_nodes=2, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host=False, join_timeout=60)
+    seen = []
+
+    def node():
+        try:
+            get_rendezvous_handler(params).next_rendezvous()
+            seen.append("joined")
+        except RendezvousClosedError:
+            seen.append("closed")
+
+    waiting = threading.Thread(target=node, daemon=True)
+    waiting.start()
+    time.sleep(2)
+    assert waiting.is_alive() and not seen  # waits for the second node
+    t0 = time.monotonic()
+    close_round(endpoint, "job-1", (2, 2), True, "127.0.0.1")
+    waiting.join(timeout=40)
+    assert seen == ["closed"] and time.monotonic() - t0 < 40
 
 
 # ------------------------------------------------------------------ the set-up watch (small processes)
