@@ -17,13 +17,15 @@
 #   MAX_RESTARTS, RDZV_JOIN_TIMEOUT, CONFIG  as in launch/run.sh
 # NODE_RANK is not needed: the c10d rendezvous numbers the nodes (ranks follow join order).
 #
-# Everything else is launch/run.sh: preflight for NNODES x NPROC ranks before torchrun, restarts
-# that resume from the latest checkpoint, the agent's messages in <run.dir>/torchrun-<host>.log,
-# one message on failure. A node whose processes died can be started again with the same command:
-# the other nodes' workers fail, restart, and wait (RDZV_JOIN_TIMEOUT) for it at the rendezvous;
-# every node gets MAX_RESTARTS restarts of its own. The node hosting the rendezvous store
-# (MASTER_ADDR) must stay up: if it dies, start the whole job again (it resumes from the latest
-# checkpoint).
+# Everything else is launch/run.sh (randlift-launch): preflight for NNODES x NPROC ranks before
+# torchrun, restarts decided from the workers' exit codes that resume from the latest checkpoint,
+# the agent's messages in <run.dir>/torchrun-<host>.log, one message on failure. The nodes agree on
+# each attempt through the rendezvous store: MAX_RESTARTS counts restarts of the whole job, and a
+# final error on one node (status 2 or 3) ends every node's launcher with it. A node whose
+# processes died can be started again with the same command: the other nodes' workers fail, their
+# launchers start the next attempt and wait (RDZV_JOIN_TIMEOUT) for it, and it joins that attempt.
+# The node hosting the rendezvous store (MASTER_ADDR) must stay up: if it dies, start the whole
+# job again (it resumes from the latest checkpoint).
 set -euo pipefail
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host (the node with IS_HOST=1), reachable from every node}"

@@ -4,12 +4,29 @@ Works as a plain process (world size 1), under `torchrun --nproc_per_node N` (si
 node), and under `srun` with one task per process (ranks from SLURM_PROCID / SLURM_NTASKS). With
 no `--config` it runs the embedded default: a tiny teacher-student task on the CPU.
 
-Every check of the input runs before any process group starts (`preflight`); `--preflight
---world-size N` runs only those checks, for launchers. Exit codes: 0 done (or already done),
-2 bad input (config, layout, a checkpoint that does not fit), 3 a non-finite loss or gradient,
-1 anything else (a peer that stopped answering, an I/O error), each with one line on stderr
-naming the step and what was being done; under a launcher only rank 0 prints a config error, and
-rank 0 writes `<run.dir>/exit_status.json` (`{"code", "message"}`) on any error exit.
+Every check of the input runs before any process group starts (`check`, which launchers call
+once for the whole job; `--preflight --world-size N` runs only those checks). Exit statuses, the
+same under every launcher (plain python, torchrun, `randlift-launch` / `launch/run.sh`, SLURM):
+
+- 0 done: the run reached `train.steps` (or was already there), or this invocation reached
+  `train.stop_at` and wrote its checkpoint (the invocation did what was asked);
+- 1 a failure a restart may cure (a peer that stopped answering, an I/O error, a set-up phase
+  that waited `parallel.setup_timeout_s` without progress);
+- 2 bad input (config, layout, data, a checkpoint that does not fit, a stale JIT build lock);
+- 3 a non-finite loss or gradient norm;
+- 75 (`EXIT_STOPPED`, sysexits' EX_TEMPFAIL) stopped on request (SIGTERM, SIGUSR1, Ctrl-C):
+  the checkpoint of the last step is written (during set-up: nothing was trained), and the same
+  command run again continues; a second Ctrl-C interrupts at once with 130 (the steps since the
+  last checkpoint are lost).
+
+Each error is one line on stderr naming the step and what was being done, said once: bad input
+and non-finite steps by rank 0 only, and under `randlift-launch` (RANDLIFT_LAUNCHER_REPORTS=1)
+rank 0's line by the launcher. Rank 0 writes `<run.dir>/exit_status.json` (`{"code", "message",
+"said", "launch_id", "attempt"}`; `said`: whether it printed the message itself) at every exit:
+launchers match `RANDLIFT_LAUNCH_ID` and `RANDLIFT_ATTEMPT` (their environment, passed to the
+workers) instead of file times. While the process group forms and the trainer is built,
+`setup_watch.SetupWatch` says what a long wait waits for and ends a wait past
+`parallel.setup_timeout_s`; a stop signal then ends set-up at once (`StopRequested`, status 75).
 
 Memory (`limit_heap`, before anything is built): glibc's mmap threshold is fixed at
 `HEAP_MMAP_THRESHOLD` (4 MiB), so every tensor of that size or more has its own mapping and goes
@@ -27,7 +44,9 @@ import argparse
 import ctypes
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -40,9 +59,11 @@ from .engine import require_deepspeed
 from .estimate import MMAP_THRESHOLD
 from .launch_env import discover_env
 from .layout import Layout, LayoutError
+from .setup_watch import SetupWatch
 from .trainer import NonFiniteError, RunFinished, Trainer
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NONFINITE, EXIT_STOPPED = 0, 1, 2, 3, 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # the trainer's own, once training runs
 HEAP_MMAP_THRESHOLD = MMAP_THRESHOLD  # bytes: allocations this big or bigger get their own mapping (4 MiB)
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 
@@ -98,15 +119,53 @@ def preflight(cfg: Config, world_size: int) -> None:
     build_dataset(cfg, base, cfg.out_dim(base))  # labels, widths, files: checked (and kept for the run)
 
 
-def _write_status(cfg: Config | None, rank: int, code: int, message: str) -> None:
+def check(config: str | None, overrides: list[str], world_size: int) -> Config:
+    """The config of `--config config overrides...`, checked for `world_size` ranks (launchers call
+    this once for a whole job); ConfigError / LayoutError name the bad value and the fix."""
+    cfg = load_config(config, overrides)
+    preflight(cfg, world_size)
+    return cfg
+
+
+def _write_status(cfg: Config | None, rank: int, code: int, message: str, said: bool) -> None:
+    """Rank 0's exit_status.json; `said`: whether this process printed the message itself (a
+    launcher prints it otherwise)."""
     if cfg is None or rank != 0:
         return
+    status = {"code": code, "message": message, "said": said, "launch_id": os.environ.get("RANDLIFT_LAUNCH_ID"),
+              "attempt": int(os.environ.get("RANDLIFT_ATTEMPT", "0") or 0)}
     try:
         d = Path(cfg.run.dir)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "exit_status.json").write_text(json.dumps({"code": code, "message": message}) + "\n")
+        tmp = d / f".exit_status.json.{os.getpid()}"
+        tmp.write_text(json.dumps(status) + "\n")
+        tmp.replace(d / "exit_status.json")
     except OSError:
         pass
+
+
+class StopRequested(BaseException):
+    """A stop signal during set-up, before the training loop takes the signals over (a
+    BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_now(signum, frame):
+    if sys.exc_info()[1] is None:  # not while an error is being handled: the run is ending anyway
+        raise StopRequested(signum)
+
+
+def _catch_stops() -> dict | None:
+    """Set-up handlers for STOP_SIGNALS (main thread only); returns the previous ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, _stop_now)
+    return previous
 
 
 def _should_print(code: int, rank: int) -> bool:
@@ -128,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe_fields()))
         return EXIT_OK
-    rank, world_size, _ = discover_env()
+    rank, world_size, local_rank = discover_env()
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -146,11 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         Path(cfg.run.dir, "exit_status.json").unlink()
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
     layout = trainer = None
+    watch = SetupWatch(cfg.parallel.setup_timeout_s, rank, local_rank,
+                       say=lambda code, text: _say_and_record(cfg, rank, local_rank, code, text)).start()
+    previous = _catch_stops()
+    stopped_in_setup = False
     try:
+        watch.phase(f"process-group set-up ({world_size} ranks)")
         layout = Layout.create(cfg.parallel.lift_parallel, backend, timeout_s=cfg.parallel.setup_timeout_s,
                                need_group=cfg.parallel.engine == "deepspeed")
+        watch.phase("trainer set-up (lift, plan, network, data, checkpoint, engine)")
         trainer = Trainer(cfg, layout)
+        watch.stop()
         result = trainer.fit()
+    except StopRequested as stop:
+        stopped_in_setup = True
+        code, msg = EXIT_STOPPED, (f"stopped by {stop} during set-up: nothing was trained in this invocation; "
+                                   "run the same command again to continue")
     except RunFinished as done:
         code, msg = EXIT_OK, _one_line(done)
     except (ConfigError, ckpt.CheckpointError, LayoutError) as err:
@@ -160,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         code, msg = EXIT_NONFINITE, f"error: {_one_line(err)}"
     except KeyboardInterrupt:
-        code, msg = 130, "interrupted (second Ctrl-C): no checkpoint of the current step"
+        code, msg = 130, ("interrupted (second Ctrl-C): no checkpoint of the current step; the same command "
+                          "continues from the last checkpoint")
     except Exception as err:  # noqa: BLE001 - one line instead of a wall of tracebacks under launchers
         phase = trainer.phase if trainer is not None else "set-up"
         code, msg = EXIT_ERROR, f"error during {phase}: {type(err).__name__}: {_one_line(err)[:500]}"
@@ -170,21 +241,46 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_OK
         keys = ("loss", "accuracy", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
         msg = ", ".join([f"final step {result['step']}"] + [f"{k} {result[k]:.6g}" for k in keys if k in result])
+    finally:
+        watch.stop()
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)
+    stop_signal = 0 if code != EXIT_OK or trainer is None else int(result.get("stopped_by_signal", 0))
     me = layout.rank if layout is not None else rank
+    launcher_says = os.environ.get("RANDLIFT_LAUNCHER_REPORTS") == "1"
     if code == EXIT_OK:
         if me == 0:
             print(msg if msg.startswith("final") else f"randlift-train: {msg}", flush=True)
+        if stop_signal > 0:  # a stop request with its checkpoint (the trainer said so): run again to continue
+            code = EXIT_STOPPED
+            msg = (f"stopped at step {result['step']} by {signal.Signals(stop_signal).name}: checkpoint written; "
+                   "run the same command again to continue")
+        _write_status(cfg, me, code, msg, said=True)
+    elif stopped_in_setup:
+        if me == 0 and not launcher_says:  # every rank got the signal; a launcher knows whether it sent it
+            print(f"randlift-train: {msg}", file=sys.stderr, flush=True)
+        _write_status(cfg, me, code, msg, said=not launcher_says)
     else:
-        if _should_print(code, me):
+        said = _should_print(code, me)
+        if said:
             print(f"randlift-train: rank {me}: {msg}", file=sys.stderr, flush=True)
-        _write_status(cfg, me, code, msg)
+        _write_status(cfg, me, code, msg, said=said)
     if dist.is_initialized():
-        if code == EXIT_OK:
+        if code == EXIT_OK or (code == EXIT_STOPPED and not stopped_in_setup):
             dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # skip gloo's thread teardown at exit, which can abort
     return code
+
+
+def _say_and_record(cfg: Config, rank: int, local_rank: int, code: int, text: str) -> None:
+    """The set-up watch's last line: rank 0 records it (and prints it unless a launcher reports
+    it); on other nodes their local rank 0 prints what it found there."""
+    said = (rank == 0 and os.environ.get("RANDLIFT_LAUNCHER_REPORTS") != "1") or (rank != 0 and local_rank == 0)
+    if said:
+        print(f"randlift-train: rank {rank}: {text}", file=sys.stderr, flush=True)
+    _write_status(cfg, rank, code, text, said=said)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,17 @@
 #
 # Preemption / time limit: `#SBATCH --signal=B:USR1@T` makes SLURM send USR1 to the batch shell
 # T seconds before the end. rl_run_step traps it, sends SIGTERM to the tasks of the training step
-# (torchrun forwards SIGTERM to its workers; it does not handle USR1), waits for them to write a
-# checkpoint and exit, then requeues the job (`scontrol requeue`), unless REQUEUE=0. The requeued
-# job resumes from the latest checkpoint (train.resume=auto, the default).
+# (the launcher forwards SIGTERM to its workers once; a plain `srun python -m randlift_dist.train`
+# task gets it directly), waits for them to write a checkpoint and exit (status 75: stopped with a
+# checkpoint), then requeues the job (`scontrol requeue`), unless REQUEUE=0. The requeued job
+# resumes from the latest checkpoint (train.resume=auto, the default).
 #
 # Errors: rl_preflight checks the config and the layout once, in the batch shell, before any
-# step starts (bad input: the trainer's one line, status 2); rl_finish explains a failed step
-# once: the trainer's `<run.dir>/exit_status.json` message, or the last lines of each node's
-# torchrun agent log (`<run.dir>/torchrun-<host>.log`). The helpers are launch/run.sh's.
-
-# shellcheck source=launch/run.sh
-source "$REPO/launch/run.sh"  # defines RL_LAUNCH_PY and rl_launch_py; launches nothing when sourced
+# step starts (bad input: the trainer's one line, status 2), and exports RANDLIFT_LAUNCH_ID, the
+# id that every node's launcher hands its workers and rank 0 writes into exit_status.json;
+# rl_finish explains a failed step once: the trainer's `<run.dir>/exit_status.json` message of
+# this launch, or the last lines of each node's agent log (`<run.dir>/torchrun-<host>.log`). Both
+# are `python -m randlift_dist.launcher` (`--check-only`, `--report`).
 
 # This job in SLURM's syntax: an array task's own SLURM_JOB_ID can equal the array's id, and
 # `scancel <array id>` or `scontrol requeue <array id>` would hit every task of the array.
@@ -131,11 +131,10 @@ rl_run_step() {
   trap - USR1 TERM
   echo "[$(date +%T)] training step exited with status $rc"
   if [[ $_rl_stop_requested == 1 ]]; then
-    # torchrun exits non-zero after forwarding SIGTERM (launch/run.sh: 128 + signal; plain
-    # torchrun: 1) even when its workers checkpointed and exited 0: the "checkpoint ... (step N)"
-    # line above is what counts
-    [[ $rc == 0 ]] || echo "(after a stop request torchrun exits $rc: expected;" \
-      "the workers' \"checkpoint ... (step N)\" line above is what counts)"
+    # 75: the workers stopped at a step boundary with a checkpoint (the trainer's "stopping at step
+    # N" line above); another status: they did not confirm it (killed, or still in set-up)
+    [[ $rc == 75 ]] || echo "(after a stop request the step exited $rc, not 75: no checkpoint was" \
+      "confirmed; the job resumes from the newest one)"
     _rl_after_stop
     return
   fi
@@ -159,19 +158,18 @@ _rl_after_stop() {
 }
 
 # rl_preflight WORLD TRAIN_ARGS...: check the config and the layout for WORLD ranks, once, before
-# any step; sets RL_RUN_DIR (the resolved run.dir) and RL_SINCE (reports count from here), and
-# removes an exit_status.json left by an earlier run. Bad input: exits the script with the
-# trainer's status (2) after its one-line message.
+# any step; sets RL_RUN_DIR (the resolved run.dir) and exports RANDLIFT_LAUNCH_ID (this start of
+# this job: a requeued job gets a new one). Bad input: exits the script with the trainer's status
+# (2) after its one-line message.
 rl_preflight() {
   local world="$1" rc=0
   shift
-  RL_SINCE=$(date +%s)
-  RL_RUN_DIR=$(rl_launch_py preflight "$world" "$@") || rc=$?
+  export RANDLIFT_LAUNCH_ID="slurm-${RL_JOB:-local}-r${SLURM_RESTART_COUNT:-0}-$(date +%s)"
+  RL_RUN_DIR=$(python -m randlift_dist.launcher --check-only --world-size "$world" "$@") || rc=$?
   if [[ $rc != 0 ]]; then
     echo "[$(date +%T)] preflight failed (status $rc): nothing was started"
     exit "$rc"
   fi
-  rm -f "$RL_RUN_DIR/exit_status.json"
 }
 
 # rl_finish RC: the step's status RC; after rl_preflight, a failure that was not a stop request
@@ -179,7 +177,7 @@ rl_preflight() {
 rl_finish() {
   local rc="$1"
   if [[ $rc != 0 && $_rl_stop_requested == 0 && -n "${RL_RUN_DIR:-}" ]]; then
-    rl_launch_py report "$rc" "$RL_SINCE" "$RL_RUN_DIR" || rc=$?
+    python -m randlift_dist.launcher --report "$rc" --launch-id "$RANDLIFT_LAUNCH_ID" --run-dir "$RL_RUN_DIR" || rc=$?
   fi
   return "$rc"
 }

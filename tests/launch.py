@@ -90,7 +90,7 @@ def _cmdline(pid: int | str) -> list[str]:
 
 def trainer_workers(run_dir: Path) -> dict[int, int]:
     """{rank: pid} of the torchrun workers training in `run_dir`: processes running the trainer
-    whose parent (the torchrun agent) runs it too."""
+    whose parent (the launcher, which is the torchrun agent) runs the trainer or the launcher."""
     found = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -103,7 +103,7 @@ def trainer_workers(run_dir: Path) -> dict[int, int]:
             env = Path(f"/proc/{p.name}/environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if "randlift_dist.train" not in _cmdline(ppid):
+        if not {"randlift_dist.train", "randlift_dist.launcher"} & set(_cmdline(ppid)):
             continue
         rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
         if rank is not None:

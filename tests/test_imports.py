@@ -24,10 +24,11 @@ ORDER = [
     # local kernels: depend on nothing else of the project
     "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
-    "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
+    "graph", "lift", "launch_env", "setup_watch", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
     "config_parse", "config", "tasks", "planstats", "estimate",
     "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
     "engine_deepspeed", "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
+    "job_store", "outcome", "launcher",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API

@@ -194,6 +194,11 @@ def test_node_killed_and_restarted_job_completes(tmp_path, nodes, reference):
                 p.kill()
     err = "".join(Path(f"{log}.err").read_text() for log in logs)
     assert f"resumed from {run_dir}/checkpoints/step_" in err, _tails(logs)
+    # node A's launcher restarted because its worker exited 1 (its peer was gone); B's joined the new attempt
+    said = [line for line in Path(f"{logs[0]}.err").read_text().splitlines() if "restarting" in line]
+    assert len(said) == 1 and said[0].startswith("randlift-launch: attempt 1 of 3 failed: exit status 1 from rank "), \
+        _tails(logs)
+    assert "randlift-launch: the job is at attempt 2 of 3: joining it" in Path(f"{logs[1]}.err").read_text(), _tails(logs)
     assert_curves_match(losses(run_dir), reference, 1e-5)  # the last record of each step
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps == list(range(STEPS + 1)), f"metrics.jsonl steps are not 0..{STEPS} once each: {steps}"

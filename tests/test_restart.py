@@ -1,14 +1,16 @@
-"""The single-node launcher (`launch/run.sh`) restarts a killed worker and reports errors once.
+"""The single-node launcher (`launch/run.sh` -> `randlift-launch`) restarts a killed worker and reports errors once.
 
 A lift large enough that torchrun's default restart path failed on this project's machines
 (`model.lift.size=20000`, lift-parallel 2, torch engine, gloo, about 2M parameters and 8 MB of
 checkpoint per save) is trained for 40 steps with a checkpoint every 10; one worker is killed
 with SIGKILL either in the middle of a step (after a step drawn from a seeded RNG) or while a
 checkpoint is being written (as soon as `step_N.tmp` appears). The launcher restarts the worker
-group, which resumes from the last complete checkpoint. The job must end with status 0, every
-step must appear once in metrics.jsonl, and the losses must equal an uninterrupted run's to 1e-6
-(fp32, same layout, so the same arithmetic). Bad input must stop the launch with status 2 and one
-line, before torchrun starts and without torchrun's traceback.
+group, which resumes from the last complete checkpoint, and says once that it decided so from the
+exit codes: SIGKILL to the killed rank. The job must end with status 0, every step must appear
+once in metrics.jsonl, and the losses must equal an uninterrupted run's to 1e-6 (fp32, same
+layout, so the same arithmetic). Bad input must stop the launch with status 2 and one line, before
+torchrun starts and without torchrun's traceback; an error inside the job (status 2 from the
+workers) must end it at once, without a restart.
 """
 
 from __future__ import annotations
@@ -63,11 +65,14 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
     return out, err
 
 
-def _check_recovered(run_dir: Path, out: str, err: str, rc: int, reference: dict[int, float]) -> None:
+def _check_recovered(run_dir: Path, out: str, err: str, rc: int, reference: dict[int, float], killed: int) -> None:
     assert rc == 0, f"launcher exited {rc}:\n{err[-3000:]}"
     assert f"final step {STEPS}" in out, out[-2000:]
     assert f"resumed from {run_dir}/checkpoints/step_" in err, "no restart happened:\n" + err[-3000:]
-    assert err.count("randlift_dist: restarting the workers") == 1, err[-3000:]  # the reason, said once
+    said = [line for line in err.splitlines() if "restarting" in line]
+    assert len(said) == 1, err[-3000:]  # the reason, said once, decided from the exit codes
+    assert said[0].startswith("randlift-launch: attempt 1 of 3 failed: ") and f"SIGKILL to rank {killed}" in said[0] \
+        and said[0].endswith("restarting from the latest checkpoint (restart 1 of 2)"), said[0]
     assert_curves_match(losses(run_dir), reference, 1e-6)  # the last record of each step
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps == list(range(STEPS + 1)), f"metrics.jsonl steps are not 0..{STEPS} once each: {steps}"
@@ -86,7 +91,7 @@ def test_kill_a_worker_mid_step(tmp_path, reference):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _check_recovered(tmp_path, out, err, proc.returncode, reference)
+    _check_recovered(tmp_path, out, err, proc.returncode, reference, rank)
 
 
 @pytest.mark.timeout(240)
@@ -103,7 +108,7 @@ def test_kill_a_worker_during_a_checkpoint_save(tmp_path, reference):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _check_recovered(tmp_path, out, err, proc.returncode, reference)
+    _check_recovered(tmp_path, out, err, proc.returncode, reference, rank)
     # the interrupted save never became a checkpoint: the job resumed from the one before it
     assert f"resumed from {tmp_path}/checkpoints/step_{save - 10:08d} at step {save - 10}" in err, err[-3000:]
 
@@ -130,5 +135,9 @@ def test_error_inside_the_job_is_said_once_and_not_retried(tmp_path):
     said = [line for line in proc.stderr.splitlines() if "different lift" in line]
     assert len(said) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
-    log = next(tmp_path.glob("torchrun-*.log")).read_text()
-    assert "without a restart" in log.split("====")[-2], log[-3000:]  # the status watcher ended this launch
+    assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    log = next(tmp_path.glob("torchrun-*.log")).read_text().split("\n==== ")
+    # the second launch: one attempt, ended by the exit code 2 of its workers
+    assert sum("attempt 1 of 3 (round" in e for e in log) == 2 and not any("attempt 2 of 3" in e for e in log), log
+    decided = [e for e in log[-2:] if e.split(" ", 2)[-1].startswith("attempt 1: ")]
+    assert decided and "exit status 2 from rank" in decided[0] and decided[0].rstrip().endswith(": final"), log[-3:]

@@ -7,7 +7,8 @@ clusters on one machine derive different rendezvous ports), start munged, slurmc
 the foreground as children of pytest (a finalizer stops them, also on failure; PR_SET_PDEATHSIG
 ends them if pytest dies), and submit the real scripts: `slurm/train.sbatch` (torchrun, 2
 processes), a two-task `srun` without torchrun, a two-task `slurm/sweep.sbatch` array then
-`python -m randlift_dist.experiments.collect`, and USR1 preemption: checkpoint, requeue, resume.
+`python -m randlift_dist.experiments.collect`, and USR1 preemption: checkpoint (status 75),
+requeue, resume.
 Munge is used when it starts (a fresh key in the temp dir); otherwise auth/none (reported by
 `test_cluster_is_up`). Jobs run from the interpreter running pytest (VENV and PATH are exported).
 """
@@ -449,6 +450,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster):
                  and js[0]["JobState"] in ("PENDING", "RUNNING"))
     stopped = int(re.search(r"stopping at step (\d+) \(signal (?:15|SIGTERM)\)", log.read_text()).group(1))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}", log.read_text()
+    # the launcher's status for a stop with a checkpoint, as under plain python and launch/run.sh
+    assert "training step exited with status 75" in log.read_text(), log.read_text()
     assert f"requeueing {job}" in log.read_text()
     requeued_at = time.monotonic()
 
