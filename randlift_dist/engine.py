@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError
 from .layout import Layout
+from .limits import EVAL_CHUNK, NORM_CHUNK
 
 MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 
@@ -85,7 +86,7 @@ def set_torch_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, mom
         st["step"] = torch.tensor(float(step))
 
 
-def _sum_squares(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def _sum_squares(g: torch.Tensor, chunk: int = NORM_CHUNK) -> torch.Tensor:
     """Sum of squares in float64, a chunk at a time through one reused float64 buffer (`dot`:
     no float64 copy of a whole gradient, and no fresh copy and square per chunk: those were 2 x
     8 MiB of new memory per chunk, 0.8 GB per step at 52M parameters, each page faulted in)."""
@@ -182,7 +183,7 @@ class Engine:
     @torch.no_grad()
     def sum_squared_error(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Sum over these rows of the squared error (mean over outputs); collective over the lift group."""
-        total, step = 0.0, self.cfg.train.micro_batch_size or 1024  # no more activations than training
+        total, step = 0.0, self.cfg.train.micro_batch_size or EVAL_CHUNK  # no more activations than training
         for i in range(0, x.shape[0], step):
             out = self.forward(x[i:i + step]).float()
             total += float(((out - y[i:i + step].to(out.device)) ** 2).mean(1).sum())

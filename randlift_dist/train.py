@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, describe_fields, dump_config, load_config
 from .engine import require_deepspeed
-from .estimate import MMAP_THRESHOLD
+from .limits import MMAP_THRESHOLD
 from .launch_env import discover_env
 from .layout import Layout, LayoutError
 from .trainer import NonFiniteError, RunFinished, Trainer
