@@ -5,6 +5,11 @@ Public API (see README.md): `BaseGraph`, `random_sparse_lift`, `fully_connected_
 owns and exchanges), `Communicator` and `shard_network` (all three steps). deepspeed, wandb and
 triton are never imported here: only where they are used.
 """
+import warnings
+
+# `python -m randlift_dist.partition` (imported below, so runpy would warn first) answers with one line
+warnings.filterwarnings("ignore", r"'randlift_dist\.partition' found in sys\.modules", RuntimeWarning)
+
 from .comm import Communicator
 from .graph import BaseGraph, Edge, GraphError, Vertex
 from .layout import Layout, LayoutError
