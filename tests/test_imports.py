@@ -21,11 +21,12 @@ import randlift_dist
 
 PKG = Path(randlift_dist.__file__).parent
 ORDER = [
-    # local kernels: depend on nothing else of the project
-    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
+    # sizes shared by the runtime and the memory model; local kernels: depend on nothing else of the project
+    "limits", "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
-    "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
-    "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",
+    "graph", "lift", "launch_env", "layout", "partition", "exchange", "plan", "comm", "model", "parallelize", "rows",
+    "config", "planstats", "estimate.terms", "estimate.phases", "estimate.rank", "estimate.cli", "estimate",
+    "estimate.__main__", "data", "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
     "",  # the package itself: re-exports the public API
