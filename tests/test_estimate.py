@@ -3,6 +3,8 @@
 - parameters and indices: exactly those of a real world-size-1 `LiftedNetwork` (fixed-degree
   law: the expected edge counts are exact) after a training step and the evaluation forwards,
   every `CSR` structure its kernels built counted; parameters within a few % for the Bernoulli law;
+- DeepSpeed ZeRO-1 over two data-parallel ranks, fp32 and bf16: weights, the fp32 master
+  partition and the moments exactly those of a real engine after a step;
 - two lift-parallel ranks (a real gloo world): rows and parameters of each rank exactly, and the
   halo, the rows sent and the indices (CSRs and the plan's exchange arrays) within a few % of the
   sampled plan's;
@@ -119,6 +121,42 @@ def test_two_ranks_against_their_real_plans(tmp_path, exchange):
     sent_rows = sum(s for r in ranks for _, _, s in r["exchange"].values()) / 2  # the estimate: each rank's expectation
     assert est["exchange_bytes_forward_per_step"] == pytest.approx(sent_rows * 8 * 4 * 4, rel=0.03)  # B 8, d_u 4
     assert est["indices_bytes"] == pytest.approx(max(r["indices"] for r in ranks), rel=0.03)
+
+
+DS_OVERRIDES = ([], ["parallel.precision=bf16"])
+
+
+def _deepspeed_worker(rank: int, world_size: int, path: str) -> list[dict]:
+    """ZeRO-1 over 2 data-parallel ranks, fp32 then bf16: what one rank holds after a step."""
+    from randlift_dist import Layout
+    from randlift_dist.engine import DeepSpeedEngine
+
+    out = []
+    for over in DS_OVERRIDES:
+        cfg = load_config(path, over)
+        base, lift = cfg.build_lift()
+        eng = DeepSpeedEngine(LiftedNetwork(base, lift, out_dim=1, readout_init="normal"), cfg, Layout.from_initialized(1))
+        eng.train_step(torch.randn(4, 3), torch.randn(4, 1))
+        opt = eng.engine.optimizer
+        moments = [t for st in opt.optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+        out.append({"weights": storage_bytes(list(eng.net.parameters()), set()),
+                    "master": storage_bytes(opt.single_partition_of_fp32_groups, set()),
+                    "moments": storage_bytes(moments, set())})
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_zero1_state_equals_a_real_deepspeed_engine(tmp_path):
+    """bf16 or fp32 weights, the fp32 master partition and Adam's moments on it (1 / D each)."""
+    pytest.importorskip("deepspeed")
+    path = _write(tmp_path, "ds.yaml", {"size": 400, "degree": 4, "law": "fixed_degree", "block_size": 64},
+                  train={"batch_size": 8}, data={"n_test": 8},
+                  parallel={"engine": "deepspeed", "zero_stage": 1})
+    ranks = run_world(_deepspeed_worker, 2, path, timeout=280)
+    for over, real in zip(DS_OVERRIDES, ranks[0]):
+        est = estimate(load_config(path, over), 2)
+        assert (est["weights_bytes"], est["master_weights_bytes"], est["optimizer_state_bytes"]) == \
+            (real["weights"], real["master"], real["moments"]), over
 
 
 def _planstats(path: str, P: int, exchange: str, as_cli: bool, capsys) -> dict:
