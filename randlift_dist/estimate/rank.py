@@ -382,4 +382,4 @@ def estimate(cfg: Config, world_size: int | None = None, device: str | None = No
             "zero_stage": cfg.parallel.zero_stage, "phases": worst["phases"], "edges": edges_out, "parts": list(PARTS)}
 
 
-__all__ = ["PARTS", "EstimateError", "ConfigError", "estimate"]
+__all__ = ["PARTS", "EstimateError", "estimate"]
