@@ -203,6 +203,24 @@ def test_triton_index_structures_and_the_cuda_estimate(tmp_path):
     assert est["indices_bytes"] == got["net"]
 
 
+@pytest.mark.parametrize("n,k,d_v,d_u,B", [(2000, 8, 16, 16, 64), (4000, 8, 16, 16, 4), (50000, 16, 1, 16, 64)])
+def test_workspaces_bound_the_real_cache(n, k, d_v, d_u, B):
+    """The blocked kernels' cached scratch after a training step (forward, fused backward) stays
+    under `workspace_bytes`, which takes every slot at a full chunk: an upper bound, measured at
+    0.3 to 0.6 of it here (the model overestimates this term by tens of MB at most)."""
+    from randlift_dist.ops import workspace as ws
+
+    ws.release_workspaces()
+    csr = _csr(n, n, n * k, 0)
+    y = torch.randn(n, d_u, B, requires_grad=True)
+    w = torch.randn(n * k, d_v, d_u, requires_grad=True)
+    aggregate(y, w, csr, "blocked").sum().backward()
+    real = storage_bytes(list(ws._tls.ws.values()), set())
+    ws.release_workspaces()
+    model = tm.workspace_bytes(n * k * max(d_u * B, d_v * B, d_u * d_v), max(n * d_v * B, n * d_u * B), 4, "cpu")
+    assert 0.2 * model < real <= model
+
+
 # ---------------------------------------------------------------- rows, ownership, regenerated topology
 @pytest.fixture(scope="module")
 def fixed_lift():

@@ -17,7 +17,8 @@ the rank, N its parameters, n_v its rows of fibre v, B the (micro-)batch, es the
   topology: two offsets per sampling block.
 - ownership arrays: none for `block` (ranges); `graph` / `random`: owner int32 + position int64.
 - kernel workspaces: on CPU cached per thread, four slots of at most a chunk of values and the
-  sorted output (`ops/workspace.py`'s sizes); on GPUs allocated per call (a transient).
+  sorted output (`ops/workspace.py`'s sizes; an upper bound); on GPUs allocated per call (a
+  transient).
 - data (`data_bytes`): in memory, the train + test arrays and the epoch permutation; read lazily
   from shards, only the batch, an evaluation chunk and the shard index.
 - exchange: the expected distinct remote sources of a rank's edges (`expected_halo_rows`).
@@ -202,8 +203,10 @@ def shard_array_bytes(partition: str, lift_parallel: int, fibre_sizes: Iterable[
 
 def workspace_bytes(slot_elems: float, out_elems: float, es: int, device: str) -> float:
     """The blocked kernels' scratch on CPU (cached per thread): four slots of at most a chunk of
-    `slot_elems` values and the sorted output (cached up to `WS_CACHE_MAX` values). On a GPU the
-    same slots are allocated per call: returned here too (the caller counts them as transient)."""
+    `slot_elems` values and the sorted output (cached up to `WS_CACHE_MAX` values). An upper bound:
+    the real slots hold less than a chunk when a weight or a degree group is smaller (measured at
+    0.3 to 0.6 of it, `tests/test_estimate_terms.py`; tens of MB at most). On a GPU the same slots
+    are allocated per call: returned here too (the caller counts them as transient)."""
     if device == "cpu":
         return es * (4 * min(_workspace.CHUNK_ELEMS, slot_elems) + min(_workspace.WS_CACHE_MAX, out_elems))
     return es * 4 * min(_workspace.CHUNK_ELEMS_ACCEL, slot_elems)
