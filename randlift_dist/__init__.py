@@ -6,6 +6,11 @@ owns and exchanges), `Communicator` and `shard_network` (all three steps); a tra
 `load_run` (`runs.py`; one self-contained file: `randlift_dist.export`). deepspeed, wandb and triton
 are never imported here: only where they are used.
 """
+import warnings
+
+# `python -m randlift_dist.partition` (imported below, so runpy would warn first) answers with one line
+warnings.filterwarnings("ignore", r"'randlift_dist\.partition' found in sys\.modules", RuntimeWarning)
+
 from .comm import Communicator
 from .graph import BaseGraph, Edge, GraphError, Vertex
 from .layout import Layout, LayoutError

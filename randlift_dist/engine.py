@@ -36,6 +36,7 @@ from .config import Config
 from .engine_deepspeed import require_deepspeed  # noqa: F401 - the entry point's preflight imports it from here
 from .layout import Layout
 from .tasks import Task
+from .limits import EVAL_CHUNK, NORM_CHUNK
 
 MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 
@@ -84,7 +85,7 @@ def set_torch_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, mom
         st["step"] = torch.tensor(float(step))
 
 
-def _sum_squares(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def _sum_squares(g: torch.Tensor, chunk: int = NORM_CHUNK) -> torch.Tensor:
     """Sum of squares in float64, a chunk at a time through one reused float64 buffer (`dot`:
     no float64 copy of a whole gradient, and no fresh copy and square per chunk: those were 2 x
     8 MiB of new memory per chunk, 0.8 GB per step at 52M parameters, each page faulted in)."""
@@ -158,9 +159,9 @@ class Engine:
     @torch.no_grad()
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """The task's summed loss and top-1 hits over these rows (`Task.sums`), in chunks of the
-        micro-batch (or 1024 rows: no more activations than training); collective over the lift group."""
+        micro-batch (or EVAL_CHUNK rows: no more activations than training); collective over the lift group."""
         total = {"loss": 0.0, "correct": 0.0}
-        step = self.cfg.train.micro_batch_size or 1024
+        step = self.cfg.train.micro_batch_size or EVAL_CHUNK
         for i in range(0, x.shape[0], step):
             for k, v in self.task.sums(self.forward(x[i:i + step]), y[i:i + step]).items():
                 total[k] += v

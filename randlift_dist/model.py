@@ -34,6 +34,7 @@ from .comm import Communicator, HaloExchange, copy_to_lift_group, reduce_from_li
 from .graph import ACTIVATIONS, BaseGraph, Edge, GraphError, edge_key
 from .lift import STREAM_READOUT, STREAM_WEIGHTS, Lift, block_rng
 from .ops import CSR, IMPLS, aggregate, regenerated_aggregate
+from .ops.workspace import DRAW_AHEAD
 from .plan import EdgePlan, ShardPlan, build_plan
 
 READOUT_SCALES = ("sum", "mean", "sqrt")
@@ -52,7 +53,7 @@ class BlockChunks:
 
     def chunks(self, max_edges: int, prepare):
         """Yield `prepare(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The
-        next `_DRAW_AHEAD` runs are drawn and prepared on helper threads while the caller computes
+        next `DRAW_AHEAD` runs are drawn and prepared on helper threads while the caller computes
         on this one (numpy's generators and sorts release the GIL)."""
         ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
         spans, i0 = [], 0
@@ -70,13 +71,12 @@ class BlockChunks:
             return
         pool, ahead = _drawing_pool(), collections.deque()
         for j, span in enumerate(spans):
-            while len(ahead) < _DRAW_AHEAD and j + len(ahead) < len(spans):
+            while len(ahead) < DRAW_AHEAD and j + len(ahead) < len(spans):
                 ahead.append(pool.submit(make, *spans[j + len(ahead)]))
             yield ahead.popleft().result()
 
 
 _POOL: dict = {}
-_DRAW_AHEAD = 2  # runs of blocks drawn ahead, by as many threads
 
 
 def _drawing_pool():
@@ -87,7 +87,7 @@ def _drawing_pool():
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL.clear()
-        _POOL[pid] = ThreadPoolExecutor(max_workers=_DRAW_AHEAD, thread_name_prefix="randlift-draw")
+        _POOL[pid] = ThreadPoolExecutor(max_workers=DRAW_AHEAD, thread_name_prefix="randlift-draw")
     return _POOL[pid]
 
 

@@ -16,12 +16,14 @@ Input fibres are replicated (every rank holds the input) and have none. Strategi
 `graph` and `random` store an owner per vertex (`O(n)`; they are for lifts that fit one host).
 
 Partitions depend only on the lift and the strategy (never on the rank), so every rank computes
-the same ownership independently. Nothing here communicates.
+the same ownership independently. Nothing here communicates. Not a command:
+`python -m randlift_dist.partition` names the one that shows a partition (`planstats`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -148,11 +150,29 @@ def block_partition(lift: Lift, world_size: int) -> dict[str, Ownership]:
             cum = cum_block[b] + np.cumsum(_block_loads(lift, v, range(b, b + 1)))
             cum = np.concatenate([[cum_block[b]], cum])
             cuts[k] = b * B + int(np.searchsorted(cum, t, side="left"))
-        if n >= 8 * B * world_size:
-            cuts = np.clip(np.rint(cuts / B).astype(np.int64) * B, 0, n)
-        bounds = np.maximum.accumulate(np.concatenate([[0], cuts, [n]]).astype(np.int64))
-        out[v] = Ownership.ranges(np.minimum(bounds, n))
+        out[v] = Ownership.ranges(range_bounds(cuts, n, B, world_size))
     return out
+
+
+def range_bounds(cuts, n: int, block: int, world_size: int) -> np.ndarray:
+    """The `[P + 1]` boundaries of a `block` ownership of n vertices from its `P - 1` vertex-level
+    cuts: snapped to the nearest multiple of the sampling block (ties to even) when the fibre has
+    at least 8 blocks per rank (a rank then samples whole blocks, at a balance cost of at most half
+    a block in eight), then made non-decreasing and clipped to `[0, n]`. The one snapping rule:
+    `block_partition` and the memory model (`estimate/`) both call it."""
+    cuts = np.asarray(cuts, dtype=np.int64).reshape(-1)
+    if n >= 8 * block * world_size:
+        cuts = np.clip(np.rint(cuts / block).astype(np.int64) * block, 0, n)
+    bounds = np.maximum.accumulate(np.concatenate([[0], cuts, [n]]).astype(np.int64))
+    return np.minimum(bounds, n)
+
+
+def equal_load_bounds(n: int, world_size: int, block: int) -> np.ndarray:
+    """`range_bounds` when every vertex carries the same load (the expectation of the `block`
+    strategy for one fibre, exact for the fixed-degree law): cut r at the first vertex whose
+    cumulative load reaches r / P of the total, `ceil(n r / P)`."""
+    cuts = [-(-n * r // world_size) for r in range(1, world_size)]
+    return range_bounds(cuts, n, block, world_size)
 
 
 def random_partition(lift: Lift, world_size: int, seed: int = 0) -> dict[str, Ownership]:
@@ -247,3 +267,10 @@ def make_partition(lift: Lift, world_size: int, strategy: str = "block", seed: i
     if strategy == "graph":
         return graph_partition(lift, world_size)
     raise PartitionError(f"partition strategy {strategy!r}: choose one of {STRATEGIES}")
+
+
+if __name__ == "__main__":  # not a command: say which one shows a partition
+    print("python -m randlift_dist.partition is not a command: the partition of a config (vertices per rank, "
+          "cut, halo) is shown by python -m randlift_dist.planstats --config FILE --world-size P "
+          "[--strategy block|graph|random]", file=sys.stderr)
+    sys.exit(2)

@@ -6,8 +6,8 @@ and lifted edges per rank, the cut fraction, the halo, the bytes per sample each
 lower bound and the all-gather volume, and the exchange mode each edge would use.
 
 Invariant: the numbers equal a real run's. The planner calls the functions the real run calls
-(`partition.make_partition`, `Lift.edges`, `plan.split_edges`, `plan.plan_edge_exchange`,
-`plan.rows_sent`); only the collective of `plan.build_plan` (the all-gather of the need matrix:
+(`partition.make_partition`, `Lift.edges`, `exchange.split_edges`, `exchange.plan_edge_exchange`,
+`exchange.rows_sent`); only the collective of `plan.build_plan` (the all-gather of the need matrix:
 how many rows each rank needs from each other) is replaced by the same `P x P` matrix filled rank
 by rank.
 As in the real run, world size 1 and base edges out of input fibres (replicated on every rank)
@@ -43,7 +43,7 @@ from .config import ConfigError, load_config
 from .graph import Edge, GraphError
 from .lift import Lift, LiftError
 from .partition import STRATEGIES, Ownership, PartitionError, make_partition
-from .plan import ALLGATHER_THRESHOLD, MODES, plan_edge_exchange, rows_sent, split_edges
+from .exchange import ALLGATHER_THRESHOLD, MODES, plan_edge_exchange, rows_sent, split_edges
 
 MAX_CACHED_EDGES = 1 << 22  # lifted edges of one base edge sampled at once (about 100 MB peak)
 

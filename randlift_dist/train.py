@@ -56,7 +56,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, describe_fields, dump_config, load_config
 from .data import build_dataset
 from .engine import require_deepspeed
-from .estimate import MMAP_THRESHOLD
+from .limits import MMAP_THRESHOLD
 from .launch_env import discover_env
 from .layout import Layout, LayoutError
 from .setup_watch import SetupWatch

@@ -162,7 +162,7 @@ class Trainer:
         in chunks, then summed over the data-parallel group."""
         L = self.layout
         lo, hi = replica_part(n, L.data_rank, L.data_parallel)
-        chunk = self.cfg.train.micro_batch_size or 1024
+        chunk = self.cfg.train.micro_batch_size or EVAL_CHUNK
         sums = {"loss": 0.0, "correct": 0.0}
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -386,16 +387,59 @@ def bad_layouts(ck: Checks, world_size: int, bad: list[int]) -> None:
     ck.close("layout", "network after refused layouts", net(x), LiftedNetwork(base, lift, readout_init="normal")(x))
 
 
+_INHERITED = object()
+# methods of a process group that only describe it (everything else it has communicates)
+_GROUP_QUERIES = {"BackendType", "name", "rank", "size", "get_group_store", "boxed", "unbox", "set_timeout",
+                  "abort", "shutdown"}
+
+
+def collective_targets() -> list[tuple[object, str]]:
+    """`(owner, name)` of everything through which a collective can be issued: every public function
+    of torch.distributed that takes a group (its queries `get_*` / `is_*` excepted) or makes one,
+    `all_gather_single` / `reduce_scatter_single` (torch >= 2.13), every communicating method of
+    `ProcessGroup`, and every name a module of this package bound at import to one of those
+    functions (`comm._all_gather_single`, `comm._reduce_scatter_single`, `plan._all_gather_single`)."""
+    import inspect
+
+    names = set()
+    with warnings.catch_warnings():  # deprecated aliases (reduce_op) warn when read
+        warnings.simplefilter("ignore")
+        public = {n: getattr(dist, n) for n in dir(dist) if not n.startswith("_")}
+        public = {n: f for n, f in public.items() if inspect.isfunction(f)}
+    for n, f in public.items():
+        if n.startswith(("get_", "is_")):
+            continue
+        params = inspect.signature(f).parameters
+        if "group" in params or "pg" in params:
+            names.add(n)
+    names |= {"all_gather_single", "reduce_scatter_single", "new_group", "new_subgroups", "new_subgroups_by_enumeration",
+              "batch_isend_irecv", "split_group", "init_process_group"} & set(dir(dist))
+    targets: list[tuple[object, str]] = [(dist, n) for n in sorted(names)]
+    targets += [(dist.ProcessGroup, n) for n in dir(dist.ProcessGroup)
+                if not n.startswith("_") and n not in _GROUP_QUERIES and callable(getattr(dist.ProcessGroup, n))]
+    originals = {id(getattr(dist, n)) for n in names}
+    for mod_name, mod in sorted(sys.modules.items()):
+        if mod_name.startswith("randlift_dist") and mod is not None:
+            targets += [(mod, k) for k, v in vars(mod).items() if id(v) in originals and mod is not dist]
+    return targets
+
+
 def construction_is_local(ck: Checks, layout) -> None:
     """Building a network from a precomputed plan and communicator issues no collective: every
-    collective of torch.distributed is replaced by one that fails while the network is built."""
+    target of `collective_targets` is replaced by one that fails while the network is built."""
+    from randlift_dist import comm as comm_mod
+    from randlift_dist import plan as plan_mod
+
     base, lift, kw = make_case("skip")
     plan = build_plan(lift, layout, "block", "alltoall")
     comm = Communicator.create(plan, layout)
-    names = ["all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
-             "all_to_all_single", "broadcast", "broadcast_object_list", "barrier", "new_group", "reduce_scatter",
-             "reduce_scatter_tensor", "send", "recv", "isend", "irecv", "gather", "scatter", "reduce"]
-    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    targets = collective_targets()
+    bound = {(getattr(o, "__name__", ""), n) for o, n in targets}
+    ck.add("local", "the import-time names of comm and plan are patched",
+           {("randlift_dist.comm", "_all_gather_single"), ("randlift_dist.comm", "_reduce_scatter_single"),
+            ("randlift_dist.plan", "_all_gather_single")} <= bound and len(targets) > 40, str(sorted(bound)))
+    # a class's own attribute as stored (a pybind method read through the class no longer binds)
+    saved = [(o, n, vars(o).get(n, _INHERITED) if isinstance(o, type) else getattr(o, n)) for o, n in targets]
     called: list[str] = []
 
     def failing(name):
@@ -405,15 +449,28 @@ def construction_is_local(ck: Checks, layout) -> None:
         return f
 
     try:
-        for n in saved:
-            setattr(dist, n, failing(n))
+        for o, n, _ in saved:
+            setattr(o, n, failing(f"{getattr(o, '__name__', o)}.{n}"))
+        probes = []  # the patch itself works: each of these raises now
+        for probe in (lambda: plan_mod._all_gather_single(None, None), lambda: comm_mod._reduce_scatter_single(None, None),
+                      lambda: dist.all_reduce(torch.zeros(1)), lambda: layout.lift_group.allreduce([torch.zeros(1)])):
+            try:
+                probe()
+                probes.append(False)
+            except RuntimeError:
+                probes.append(True)
+        called.clear()
         net = LiftedNetwork(base, lift, plan, comm, **kw)
     except RuntimeError as err:
         net = None
         called.append(str(err))
     finally:
-        for n, f in saved.items():
-            setattr(dist, n, f)
+        for o, n, f in saved:
+            if f is _INHERITED:
+                delattr(o, n)
+            else:
+                setattr(o, n, f)
+    ck.add("local", "every patched collective raised when called", all(probes), str(probes))
     ck.add("local", "LiftedNetwork(base, lift, plan, comm) issues no collective", net is not None and not called,
            str(called))
     if net is not None:  # and the network it built is the right one

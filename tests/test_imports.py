@@ -21,12 +21,13 @@ import randlift_dist
 
 PKG = Path(randlift_dist.__file__).parent
 ORDER = [
-    # local kernels: depend on nothing else of the project
-    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
+    # sizes shared by the runtime and the memory model; local kernels: depend on nothing else of the project
+    "limits", "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
     # the stages
-    "graph", "lift", "launch_env", "setup_watch", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
-    "config_parse", "config", "tasks", "planstats", "estimate",
+    "graph", "lift", "launch_env", "setup_watch", "layout", "partition", "exchange", "plan", "comm", "model",
+    "parallelize", "rows", "config_parse", "config", "tasks", "planstats",
     "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
+    "estimate.terms", "estimate.phases", "estimate.rank", "estimate.cli", "estimate", "estimate.__main__",
     "engine_deepspeed", "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
     "job_store", "outcome", "launcher",
     # tools built on the trainer

@@ -228,3 +228,11 @@ def test_same_lift_as_the_trainer(tmp_path):
     assert lift_from_config_file(path).fingerprint() == load_config(path).build_lift()[1].fingerprint()
     full = _write(tmp_path, CONFIG.replace("seed: 2", "law: full"), "full.yaml")
     assert lift_from_config_file(full).law == "full"
+
+
+def test_partition_module_names_the_planstats_command():
+    """`python -m randlift_dist.partition` is not a command: one line saying which one is, exit 2."""
+    r = subprocess.run([sys.executable, "-m", "randlift_dist.partition"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "python -m randlift_dist.planstats --config" in lines[0], r.stderr

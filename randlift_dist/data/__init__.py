@@ -36,14 +36,14 @@ import torch.distributed as dist
 from ..config import Config, ConfigError
 from ..graph import BaseGraph
 from ..tasks import Task, check_labels
-from .files import npz_arrays
-from .packaged import DIGITS_CLASSES, MNIST1D_CLASSES, digits_arrays, mnist1d_arrays
+from .files import npz_arrays, split_rows
+from .packaged import DIGITS_CLASSES, DIGITS_SAMPLES, MNIST1D_CLASSES, digits_arrays, mnist1d_arrays
 from .shards import DataError, ShardSource, finite, read_index, verify_part, write_shards
 from .sources import Batches, FeistelOrder, TensorSource, eval_rows, replica_part
 from .teacher import teacher_arrays
 
 __all__ = ["Dataset", "Batches", "TensorSource", "ShardSource", "FeistelOrder", "DataError", "build_dataset",
-           "verify_shards", "data_identity", "write_shards", "read_index", "eval_rows", "replica_part"]
+           "verify_shards", "data_identity", "split_sizes", "write_shards", "read_index", "eval_rows", "replica_part"]
 
 
 @dataclasses.dataclass
@@ -125,6 +125,28 @@ def _load(cfg: Config, base: BaseGraph, task: Task) -> Dataset:
         _packaged_width("digits", xtr, base.in_dim)
         return _in_memory(task, xtr, ytr, xte, yte, what, "data.kind=digits", DIGITS_CLASSES)
     return _shards(cfg, task, base.in_dim)
+
+
+def split_sizes(cfg: Config) -> tuple[int, int]:
+    """`(training rows, test rows)` of the configured data, without loading it (the estimator's
+    data term): the settings for teacher, mnist1d and digits, the headers of a file, the index of
+    shards ((0, 0) when a file or index cannot be read)."""
+    d = cfg.data
+    if d.kind == "teacher":
+        return d.n_train, d.n_test
+    if d.kind == "mnist1d":  # the generator: num_samples // 10 per class, then its train_split cut
+        total = d.mnist1d.num_samples // MNIST1D_CLASSES * MNIST1D_CLASSES
+        return int(total * d.mnist1d.train_split), total - int(total * d.mnist1d.train_split)
+    if d.kind == "digits":  # scikit-learn's split: ceil(fraction x 1797) held out
+        held = int(np.ceil(d.digits.test_fraction * DIGITS_SAMPLES))
+        return DIGITS_SAMPLES - held, held
+    if d.kind in ("npz", "file"):
+        return split_rows(Path(d.path), d.n_test)
+    try:
+        splits = read_index(Path(d.path))["splits"]
+    except DataError:
+        return 0, 0
+    return splits["train"]["rows"], splits.get("test", {"rows": 0})["rows"]
 
 
 _MEMO: dict[str, Dataset] = {}

@@ -15,6 +15,7 @@ file and the array, exit 2. The file's sha256 is part of the run's data identity
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,31 @@ def npz_arrays(path: Path, task: Task, in_dim: int, n_test: int, seed: int):
         return x, y, xt, yt
     (x, y), (xt, yt) = holdout_split(x, y, n_test, seed)
     return x, y, xt, yt
+
+
+def _npz_rows(path: Path) -> dict[str, int]:
+    """Rows of each array of a `.npz`, from the members' `.npy` headers (nothing loaded)."""
+    rows = {}
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            with z.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape = read(f)[0]
+            rows[name.removesuffix(".npy")] = int(shape[0]) if shape else 1
+    return rows
+
+
+def split_rows(path: Path, n_test: int) -> tuple[int, int]:
+    """`(train rows, test rows)` of a file as `npz_arrays` would split it, reading headers only
+    (a `.pt` file is loaded); `(0, 0)` when the file cannot be read (its load says why)."""
+    try:
+        rows = _npz_rows(path) if path.suffix == ".npz" else {k: len(v) for k, v in read_arrays(path).items()
+                                                              if k != "classes"}
+    except Exception:  # noqa: BLE001 - an estimate of a run whose data is missing or damaged
+        return 0, 0
+    if "x_test" in rows:
+        return rows.get("x", 0), rows["x_test"]
+    n = rows.get("x", 0)
+    held = min(n_test, n // 2)
+    return n - held, held

@@ -29,6 +29,7 @@ import numpy as np
 from .shards import DataError
 
 MNIST1D_CLASSES = DIGITS_CLASSES = 10
+DIGITS_SAMPLES = 1797  # scikit-learn's load_digits
 
 
 def _need(module: str, kind: str):

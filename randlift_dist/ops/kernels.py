@@ -4,6 +4,10 @@ blocked gather-matmul (`blocked.py`), Triton (`triton_kernels.py`).
 See the package doc (`ops/__init__.py`) for the algorithms and `bench/kernels.py` /
 `bench/step.py` for measurements. The scalar CSR path's backward is the blocked kernel's fused
 backward where that wins (vector sources, or scalar sources too big for a cache).
+
+`choose_impl` and `csr_fused_backward` are the one place that decides which kernel and which
+backward path run: `aggregate` calls them on its tensors, the memory model (`estimate/`) on the
+shapes and dtype of a config, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from . import workspace as ws
 from . import blocked
 from .blocked import _Blocked, _blocked_backward
 from .csr import CSR
+from . import triton_kernels  # imports no triton: that happens on the first impl="triton" call
 
 IMPLS = ("auto", "reference", "csr", "blocked", "triton")
 # The scalar CSR path uses that fused backward from this batch size on (measured at B = 256 only;
@@ -26,6 +31,36 @@ _FUSED_MIN_SCALAR_ELEMS = 1 << 23
 # `auto` on CPU: scalar targets with vector sources go to the blocked kernel from this batch on
 # (B = 256, 1 x 16 blocks: forward 91 vs 153 ms on 2 threads; mixed results at B = 16 to 64)
 _CSR_MAX_BATCH_VECTOR = 128
+# MKL's CSR kernels take these dtypes only (no bf16): other dtypes go to the blocked kernel on CPU
+_CSR_DTYPES = (torch.float32, torch.float64)
+
+
+def choose_impl(impl: str, d_v: int, d_u: int, batch: int, dtype: torch.dtype, device: str,
+                triton_available: bool) -> str:
+    """The kernel `aggregate(..., impl)` runs for weight blocks `[d_v, d_u]`, `batch` samples of
+    `dtype` on a `device` of that type ("cpu", "cuda", ...). `triton_available`: triton imports
+    here and y and w share the dtype. Anything but `auto` is returned as it is.
+
+    `auto`: triton for CUDA tensors of its dtypes (fp32, bf16, fp16) when available; else, on CPU,
+    `csr` for float32/float64 scalar targets (d_v = 1) whose sources are scalar (d_u = 1) or whose
+    batch is below `_CSR_MAX_BATCH_VECTOR`; `blocked` otherwise."""
+    if impl != "auto":
+        return impl
+    if device == "cuda" and dtype in triton_kernels.DTYPES and triton_available:
+        return "triton"
+    if d_v == 1 and device == "cpu" and dtype in _CSR_DTYPES and (d_u == 1 or batch < _CSR_MAX_BATCH_VECTOR):
+        return "csr"
+    return "blocked"
+
+
+def csr_fused_backward(d_u: int, n_src: int, batch: int, both_gradients: bool = True) -> bool:
+    """Whether the scalar CSR kernel's backward runs the blocked kernel's fused backward (one
+    gather of the output gradient for both gradients) for `n_src` source rows of dimension d_u:
+    both gradients wanted, batch >= `_FUSED_MIN_BATCH`, and vector sources or a source buffer of
+    at least `_FUSED_MIN_SCALAR_ELEMS` values. Otherwise an SpMM on the transposed structure and a
+    sampled product (`_ScalarCSR.backward`)."""
+    return (both_gradients and blocked._FUSED_BACKWARD and batch >= _FUSED_MIN_BATCH
+            and (d_u > 1 or n_src * d_u * batch >= _FUSED_MIN_SCALAR_ELEMS))
 
 
 def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
@@ -64,8 +99,7 @@ class _ScalarCSR(torch.autograd.Function):
         y, w = ctx.saved_tensors
         x = ctx.csr.scalar_expansion(w.shape[2])
         B = y.shape[2]
-        if (all(ctx.needs_input_grad[:2]) and blocked._FUSED_BACKWARD and B >= _FUSED_MIN_BATCH
-                and (w.shape[2] > 1 or y.numel() >= _FUSED_MIN_SCALAR_ELEMS)):
+        if csr_fused_backward(w.shape[2], y.shape[0], B, all(ctx.needs_input_grad[:2])):
             # one gather of gz rows for both gradients (see `_blocked_backward`), B = 256, 1
             # thread: 2x faster at d_u = 16; at d = 1 1.2x faster for y of 64 MiB, 1.5-2x
             # slower for y of 16 MiB or less (in cache, the second gather is cheap)
@@ -88,20 +122,13 @@ class _ScalarCSR(torch.autograd.Function):
 def aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") -> torch.Tensor:
     """`z[j] = sum_{(i->j)} w_ij @ y[i]`; y `[n_u, d_u, B]`, w `[m, d_v, d_u]` -> z `[n_v, d_v, B]`."""
     if impl == "auto":  # triton on CUDA (dtypes it supports, if it imports); else csr / blocked
-        # MKL's CSR kernels take float32/float64 only: bf16 on CPU goes to the blocked kernel
-        scalar_cpu = w.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
-        impl = "csr" if scalar_cpu and (w.shape[2] == 1 or y.shape[2] < _CSR_MAX_BATCH_VECTOR) else "blocked"
-        if y.device.type == "cuda":
-            from . import triton_kernels  # does not import triton itself
-
-            if y.dtype in triton_kernels.DTYPES and w.dtype == y.dtype and triton_kernels.available():
-                impl = "triton"
+        cuda = y.device.type == "cuda"
+        impl = choose_impl(impl, w.shape[1], w.shape[2], y.shape[2], y.dtype, y.device.type,
+                           cuda and w.dtype == y.dtype and triton_kernels.available())
     if impl == "triton":
-        from .triton_kernels import check, triton_aggregate  # imports triton only now
-
-        check(y, w)
+        triton_kernels.check(y, w)  # imports triton only now
         if csr.nnz:
-            return triton_aggregate(y, w, csr)
+            return triton_kernels.triton_aggregate(y, w, csr)
     if csr.nnz == 0:
         return y.new_zeros(csr.n_rows, w.shape[1], y.shape[2]) + 0 * w.sum() + 0 * y.sum()
     if impl == "reference":

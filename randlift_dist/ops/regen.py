@@ -34,17 +34,26 @@ import torch
 from . import workspace as ws
 
 
-def _max_edges(w: torch.Tensor, B: int, scalar_cpu: bool) -> int:
+def scalar_path(d_v: int, d_u: int, device: str, dtype: torch.dtype) -> bool:
+    """Whether weight blocks `[d_v, d_u]` of `dtype` on a `device` of that type take the scalar CPU
+    path (see the module doc); the memory model (`estimate/`) asks the same question."""
+    return d_v == 1 and d_u == 1 and device == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def chunk_edges(d_v: int, d_u: int, B: int, scalar: bool) -> int:
     """Edges per chunk: the scalar CPU path holds only indices (~50 B per edge while a chunk is
     prepared), the other path gathers `[edges, d, B]` values."""
-    if scalar_cpu:
+    if scalar:
         return ws.REGEN_CHUNK_EDGES
-    return max(1, ws.REGEN_CHUNK_ELEMS // (max(w.shape[1], w.shape[2]) * B))
+    return max(1, ws.REGEN_CHUNK_ELEMS // (max(d_v, d_u) * B))
+
+
+def _max_edges(w: torch.Tensor, B: int, scalar_cpu: bool) -> int:
+    return chunk_edges(w.shape[1], w.shape[2], B, scalar_cpu)
 
 
 def _scalar_cpu(y: torch.Tensor, w: torch.Tensor) -> bool:
-    return (w.shape[1] == 1 and w.shape[2] == 1 and y.device.type == "cpu"
-            and y.dtype in (torch.float32, torch.float64))
+    return scalar_path(w.shape[1], w.shape[2], y.device.type, y.dtype)
 
 
 @dataclasses.dataclass

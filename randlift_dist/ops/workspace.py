@@ -30,6 +30,9 @@ REGEN_CHUNK_ELEMS = 1 << 23
 # per edge while prepared, twice with the chunk drawn ahead) and one pass over the source rows
 # per chunk in the backward (so chunks should not be much smaller than a fibre).
 REGEN_CHUNK_EDGES = 1 << 20
+# Runs of blocks of a regenerated edge drawn ahead on helper threads (`model.BlockChunks`), by as
+# many threads, while the current run computes: DRAW_AHEAD + 1 runs of indices exist at once.
+DRAW_AHEAD = 2
 # Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; six
 # slots, so at most ~6 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
 WS_CACHE_MAX = 1 << 23
