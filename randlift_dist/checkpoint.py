@@ -132,11 +132,6 @@ def _collect(engine):
         moments.clear()
 
 
-def _data_fingerprint(cfg) -> dict[str, Any]:
-    """What determines the training data (`data.data_identity`: the kind's settings, a file's sha256)."""
-    return data_identity(cfg)
-
-
 def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_bytes: int = BLOCK_BYTES) -> Path:
     """Collective: write checkpoint `step` atomically and rotate old ones. Returns its directory.
 
@@ -180,7 +175,7 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
     if err is None and layout.rank == 0:
         try:
             meta = {"format": FORMAT, "step": step, "config": cfg.to_dict(), "lift_fingerprint": lift.fingerprint(),
-                    "lift": lift.to_dict(), "weight_seed": cfg.model.weight_seed, "data": _data_fingerprint(cfg),
+                    "lift": lift.to_dict(), "weight_seed": cfg.model.weight_seed, "data": data_identity(cfg),
                     "layout": {"lift_parallel": layout.lift_parallel, "data_parallel": layout.data_parallel},
                     "engine": engine.name, "optimizer": cfg.train.optimizer, "shards": shards}
             with open(tmp / "meta.json", "w") as f:
@@ -334,7 +329,7 @@ def check_compatible(meta: dict, cfg, lift, path: Path) -> None:
                               f"(this run: {cfg.train.loss}) or start a new run.dir")
     if getattr(cfg.train, "resume_allow_data_change", False):
         return
-    old, new = meta.get("data", {}), _data_fingerprint(cfg)
+    old, new = meta.get("data", {}), data_identity(cfg)  # the kind's settings, a file's sha256
     changed = [f"data.{k} {old.get(k)!r} -> {new.get(k)!r}" if not k.endswith("sha256") else
                "contents of data.path"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -33,6 +33,7 @@ from .config import Config, dump_config
 from .data import Batches, build_dataset, eval_rows, replica_part, verify_shards
 from .engine import build_engine
 from .layout import Layout
+from .limits import EVAL_CHUNK
 from .metrics import MetricsSink, lift_statistics, peak_memory_mb, reduce_over_ranks
 from .parallelize import shard_network
 

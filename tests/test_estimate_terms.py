@@ -305,7 +305,7 @@ def test_data_bytes_equal_the_loaded_arrays(tmp_path, kind):
     cfg = load_config(_config(tmp_path, data=data))
     base, _ = cfg.build_lift()
     ds = build_dataset(cfg, base, 2)
-    batches = Batches(ds, 8, 0, 1, 0)
+    batches = Batches(ds.train, 8, 0, 1, 0)
     xb, yb = batches(0)
     held = storage_bytes([ds.x_train, ds.y_train, ds.x_test, ds.y_test, batches._perm], set())
     label = tm.label_bytes("mse", 2)
