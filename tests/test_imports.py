@@ -29,7 +29,8 @@ ORDER = [
     "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
     "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
-    "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
+    "experiments", "experiments.collect", "experiments.target", "experiments.figures", "experiments.cell",
+    "experiments.runner", "experiments.convergence",
     "",  # the package itself: re-exports the public API
 ]
 
