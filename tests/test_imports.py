@@ -30,7 +30,8 @@ ORDER = [
     "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.target", "experiments.figures", "experiments.cell",
-    "experiments.runner", "experiments.convergence",
+    "experiments.runner", "experiments.convergence", "experiments.adaptive", "experiments.price_plan",
+    "experiments.cost", "experiments.price_figures", "experiments.price_report", "experiments.threshold",
     "",  # the package itself: re-exports the public API
 ]
 

@@ -82,7 +82,8 @@ def parse_target(value: Any, key: str = "experiment.target") -> Target:
     direction = "max" if metric in LOSS_METRICS else "min"
     other = "min" if direction == "max" else "max"
     if other in value:
-        raise TargetError(f"{key}: {metric} takes a bound '{direction}' ({'lower is better' if direction == 'max' else 'higher is better'}), "
+        better = "lower is better" if direction == "max" else "higher is better"
+        raise TargetError(f"{key}: {metric} takes a bound '{direction}' ({better}), "
                           f"not '{other}': write {{metric: {metric}, {direction}: {value[other]}}}")
     if direction not in value:
         raise TargetError(f"{key}: {metric} needs a bound: {{metric: {metric}, {direction}: X}}")
