@@ -22,6 +22,7 @@ from randlift_dist.experiments import adaptive as ad
 from randlift_dist.experiments import cost, price_plan, price_report
 from randlift_dist.experiments.convergence import read_experiment
 from randlift_dist.model import LiftedNetwork
+from test_slurm import cluster  # noqa: F401  (the one-node SLURM cluster fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -380,3 +381,27 @@ def test_tiny_experiment_through_the_command(tmp_path):
     dense = sorted({r["size"] for r in results if r["test_loss"] <= 0.15 and r["size"] <= 4})
     assert row["brute_s_min"] == (str(dense[0]) if dense else "")
     assert int(row["brute_sizes"]) == 4 and "brute force t3 full" in proc.stdout
+
+
+# ---------------------------------------------------------------- one round per job array, on real SLURM
+@pytest.mark.slurm
+@pytest.mark.timeout(400)
+def test_rounds_as_chained_job_arrays_on_slurm(cluster, tmp_path):
+    cfg = copy.deepcopy(REAL)
+    out = tmp_path / "out"
+    cfg["experiment"].update(out=str(out), sizes=[1, 2], seeds=1, max_array=1, tasks=cfg["experiment"]["tasks"][:1])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cluster.run(sys.executable, "-m", "randlift_dist.experiments.threshold", "--config", str(tmp_path / "p.yaml"),
+                       "--slurm", "--submit", "--drive", timeout=360,
+                       env={"SBATCH_OUTPUT": f"{cluster.root}/out/price-%A_%a.out", "SBATCH_TIMELIMIT": "10"})
+    assert "1 of 1 (task, kind) pairs complete" in proc.stderr, proc.stderr[-3000:] + cluster.job_logs()
+    # round 0 holds the two P cells: two arrays of one cell (max_array=1), the second after the first
+    plan = json.loads((out / "rounds" / "000" / "plan.json").read_text())
+    assert len(plan["cells"]) == 2 and "CELL_OFFSET=1" in proc.stdout and "--dependency=afterany:" in proc.stderr
+    logs = cluster.job_logs()
+    assert all(f"cell {i} of 2" in logs for i in (0, 1))
+    results = [json.loads(p.read_text()) for p in out.glob("cells/*/*/result.json")]
+    assert {(r["size"], r["steps"]) for r in results} >= {(1, 20), (2, 20)}
+    with open(out / "price.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["complete"] == "True" and int(row["runs"]) <= len(results)

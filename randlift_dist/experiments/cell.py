@@ -4,11 +4,13 @@ Inputs: the resolved `config.yaml` the trainer wrote, its `metrics.jsonl`, its f
 Outputs (a flat dict, the cell's `result.json` without its identity):
 
 - the task's metrics of the final weights: `train_loss`, `test_loss` and, for classification,
-  `train_accuracy`, `test_accuracy`. Data held in memory (every kind but shards): computed here on
-  the WHOLE training set and the test set (regression: `mse`, the trainer's loss in float64, as the
-  convergence grid always did; classification: `tasks.Task` sums, as the trainer evaluates).
-  Shards: the trainer's final evaluation record (its train metrics cover up to
-  `train.eval_train_max` rows; `train_rows` says how many).
+  `train_accuracy`, `test_accuracy`. With `extras` and data held in memory (every kind but
+  shards): computed here on the WHOLE training set and the test set (regression: `mse`, the
+  trainer's loss in float64, as the convergence grid always did; classification: `tasks.Task`
+  sums, as the trainer evaluates). Otherwise (no extras, or shards): the trainer's own final
+  evaluation record, whose train metrics cover up to `train.eval_train_max` training rows
+  (`eval_train_max` / `train_rows` say so); nothing is rebuilt then, and `params` is the
+  trainer's `lift_stats.json` count.
 - with a `target` (`target.Target`): `metric`, `target` (its label), `value`, `reached` (the final
   value meets the target), `step_reached` (first evaluation step meeting it), `reached_train` (the
   training-split analogue meets it). For a loss target, `eps` is its bound and `step_test_eps` /
@@ -143,41 +145,39 @@ def _split_metrics(net, ds, regression: bool) -> dict[str, float]:
     return out
 
 
+def _final_record(records: list[dict[str, Any]], step: int, run_dir: Path, task_metrics: tuple[str, ...]):
+    """The task's metrics from the trainer's evaluation at `step` (the final one)."""
+    final = [r for r in records if r.get("step") == step and "test_loss" in r]
+    if not final:
+        raise FileNotFoundError(f"{run_dir}: metrics.jsonl has no evaluation at the final step {step}")
+    keys = [f"{split}_{m}" for split in ("train", "test") for m in task_metrics]
+    return {k: final[-1][k] for k in keys if k in final[-1]}
+
+
 def analyse(run_dir: Path, target=None, extras: bool = True) -> dict[str, Any]:
     """The measurements of a finished run in `run_dir` (see the module docstring); `target` a
-    `target.Target` or None (metrics only)."""
+    `target.Target` or None (metrics only). Without `extras` nothing is rebuilt: the metrics are
+    the trainer's final evaluation record, the counts its `lift_stats.json`."""
     from .. import checkpoint as ckpt
     from ..config import load_config
-    from ..data import build_dataset
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    base, lift, out_dim, net0 = build_network(cfg)
-    _, _, _, net_t = build_network(cfg)
     path = ckpt.find_latest(run_dir / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint: the run did not finish")
-    step, _ = ckpt.load_weights(path, cfg, lift, net_t)
-    ds = build_dataset(cfg, base, out_dim)
     records = read_metrics(run_dir / "metrics.jsonl")
     trained = [r for r in records if isinstance(r.get("loss"), (int, float))]
-    regression = not ds.task.classification
-    in_memory = not getattr(ds.train, "lazy", False)
-    if in_memory:
-        metrics = _split_metrics(net_t, ds, regression)
-    else:  # shards: the trainer's own final evaluation
-        final = [r for r in records if r.get("step") == step and "test_loss" in r]
-        if not final:
-            raise FileNotFoundError(f"{run_dir}: metrics.jsonl has no evaluation at the final step {step}")
-        keys = [f"{split}_{m}" for split in ("train", "test") for m in ds.task.metric_names]
-        metrics = {k: final[-1][k] for k in keys if k in final[-1]}
-        limit = cfg.train.eval_train_max
-        metrics["train_rows"] = len(ds.train) if limit is None else min(limit, len(ds.train))
-    out = {"step": step, "steps": cfg.train.steps, **metrics,
-           "last_batch_loss": trained[-1]["loss"] if trained else None,
-           "params": sum(p.numel() for p in net0.parameters()),
-           "edges": json.loads((run_dir / "lift_stats.json").read_text()).get("edges"),
-           "loss": cfg.train.loss, "data_kind": cfg.data.kind}
+    stats = json.loads((run_dir / "lift_stats.json").read_text())
+    names = ("loss", "accuracy") if cfg.train.loss == "cross_entropy" else ("loss",)
+    if extras:
+        out = _rebuilt(run_dir, cfg, path, records, names)
+    else:
+        step = int(ckpt.read_meta(path)["step"])
+        out = {"step": step, **_final_record(records, step, run_dir, names), "params": stats.get("params"),
+               "eval_train_max": cfg.train.eval_train_max}
+    out.update({"steps": cfg.train.steps, "last_batch_loss": trained[-1]["loss"] if trained else None,
+                "edges": stats.get("edges"), "loss": cfg.train.loss, "data_kind": cfg.data.kind})
     if cfg.data.kind == "teacher":
         out.update(label_noise=cfg.data.label_noise, teacher_size=cfg.data.teacher_size)
     if target is not None:
@@ -187,10 +187,30 @@ def analyse(run_dir: Path, target=None, extras: bool = True) -> dict[str, Any]:
         if target.is_loss:
             out.update(eps=target.bound, step_test_eps=first_step(records, "test_loss", target.bound),
                        step_train_eps=first_step(records, "loss", target.bound))
-    if extras:
-        dist_rel, norm0 = distance(net0, net_t)
-        out.update(distance=dist_rel, theta0_norm=norm0)
-        if regression and in_memory:
-            out.update(readout_proxy(net0, ds, readout_constant(net0, cfg.model.readout_scale)))
     return out
 
+
+def _rebuilt(run_dir: Path, cfg, path: Path, records: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """Metrics, parameter count, distance and (regression, in-memory data) the readout proxy, from the
+    initial network rebuilt from the config and the final one loaded from the checkpoint."""
+    from .. import checkpoint as ckpt
+    from ..data import build_dataset
+
+    base, lift, out_dim, net0 = build_network(cfg)
+    _, _, _, net_t = build_network(cfg)
+    step, _ = ckpt.load_weights(path, cfg, lift, net_t)
+    ds = build_dataset(cfg, base, out_dim)
+    regression = not ds.task.classification
+    in_memory = not getattr(ds.train, "lazy", False)
+    if in_memory:
+        metrics = _split_metrics(net_t, ds, regression)
+    else:  # shards: the trainer's own final evaluation
+        metrics = _final_record(records, step, run_dir, names)
+        limit = cfg.train.eval_train_max
+        metrics["train_rows"] = len(ds.train) if limit is None else min(limit, len(ds.train))
+    dist_rel, norm0 = distance(net0, net_t)
+    out = {"step": step, **metrics, "params": sum(p.numel() for p in net0.parameters()), "distance": dist_rel,
+           "theta0_norm": norm0}
+    if regression and in_memory:
+        out.update(readout_proxy(net0, ds, readout_constant(net0, cfg.model.readout_scale)))
+    return out

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import yaml
 
 from .runner import (EXIT_CONFIG, FORCED, REPO, ExperimentError, fingerprint, is_done,
-                     run_cell_main, run_local, slurm_command, write_plan)
+                     run_cell_main, run_local, slurm_commands, submit, write_plan)
 from .target import TargetError, check_task, from_experiment, parse_target
 
 LAWS = ("bernoulli", "fixed_degree", "full")
@@ -267,11 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     n_done = sum(is_done(plan, c) for c in plan["cells"])
     print(f"convergence: {len(plan['cells'])} cells ({n_done} already done) in {plan['out']}", file=sys.stderr)
     if args.slurm:
-        cmd = slurm_command(plan, REPO)
-        print(" ".join(cmd))
-        if args.submit:
-            return subprocess.call(cmd)
-        return 0
+        cmds = slurm_commands(plan, REPO)
+        print("\n".join(" ".join(cmd) for cmd in cmds))
+        return submit(cmds) if args.submit else 0
     failed = [] if args.aggregate else run_local(plan)
     from .figures import aggregate
 

@@ -96,9 +96,26 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.3g}"
 
 
+def largest(ctx: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    """The largest cell's parameters and its memory by the estimator (`estimate.estimate`)."""
+    from ..config import ConfigError, load_config
+    from ..estimate import EstimateError, estimate
+
+    big = max(cells, key=lambda c: expected_params(_task(ctx, c["setup"]), c["law"], c["degree"], c["size"]))
+    n = expected_params(_task(ctx, big["setup"]), big["law"], big["degree"], big["size"])
+    device = "cuda" if ctx["cost"]["device"] == "gpu" else "cpu"
+    try:
+        cfg = load_config(big["argv"][1], [a for a in big["argv"][2:] if not a.startswith("run.")])
+        gib = estimate(cfg, 1, device)["peak_bytes_per_rank"] / 2 ** 30
+    except (ConfigError, EstimateError, OSError) as err:
+        return f"largest cell {big['id']} ({n:.3g} parameters; no memory estimate: {err})"
+    return f"largest cell {big['id']} ({n:.3g} parameters, {gib:.2f} GiB per {device} process by the estimator)"
+
+
 def describe(ctx: dict[str, Any], cells: list[dict[str, Any]], results: dict[str, dict]) -> str:
     """One line: the cells' estimated cost (and wall time with the configured workers), the
-    calibrated figure when measured cells exist, the bound of the whole experiment, the model."""
+    calibrated figure when measured cells exist, the bound of the whole experiment, the largest
+    cell's memory, the model."""
     c = ctx["cost"]
     unit = "GPU-hours" if c["device"] == "gpu" else "core-hours"
     per_worker = 1 if c["device"] == "gpu" else ctx["threads_per_worker"]
@@ -111,6 +128,8 @@ def describe(ctx: dict[str, Any], cells: list[dict[str, Any]], results: dict[str
         parts.append(f"{_hours(total * per_worker * scale)} {unit} scaled by the {n} measured cells "
                      f"(median measured / model {scale:.2f})")
     parts.append(f"whole experiment at most {_hours(most * per_worker)} {unit} by the model")
+    if cells:
+        parts.append(largest(ctx, cells))
     parts.append(f"model: {c['startup_s']:g} s + steps x ({c['step_s']:g} s + params x batch / "
                  f"{c['param_samples_per_s']:.3g}) per cell on one {'GPU' if c['device'] == 'gpu' else 'worker'}")
     return "; ".join(parts)

@@ -28,7 +28,7 @@ from typing import Any
 
 from .adaptive import PENDING, geometric_sizes, p_phase, probe, search_phase
 from .convergence import int_list, kind_tag, parse_kind, resolve_training
-from .runner import FORCED, ExperimentError, fingerprint
+from .runner import FORCED, MAX_ARRAY, ExperimentError, fingerprint
 from .target import Target, TargetError, check_task, parse_target
 
 EXPERIMENT_KEYS = {
@@ -49,6 +49,7 @@ EXPERIMENT_KEYS = {
     "max_rounds": "stop after this many rounds (default 40)",
     "cost": "the cost model's assumption: {device: cpu|gpu, startup_s, step_s, param_samples_per_s}",
     "slurm_args": "extra sbatch arguments of every round's array (e.g. ['--gres=gpu:1', '--time=02:00:00'])",
+    "max_array": "cells per SLURM job array (a bigger round is several arrays, chained; default 1000)",
     "brute_force": "--brute-force grid: {sizes: list or {min, max, factor}} (default: every integer of the "
                    "grid's range)",
 }
@@ -152,7 +153,8 @@ def parse(section: Any, default_name: str, train: dict, overrides: list[str]) ->
         "workers": _num("experiment.workers", section.get("workers", 1), 0, True),
         "threads_per_worker": _num("experiment.threads_per_worker", section.get("threads_per_worker", 1), 0, True),
         "max_rounds": _num("experiment.max_rounds", section.get("max_rounds", 40), 0, True),
-        "cost": cost, "slurm_args": slurm_args, "brute_force": _sub(section, "brute_force", {"sizes"})}
+        "cost": cost, "slurm_args": slurm_args,
+        "max_array": _num("experiment.max_array", section.get("max_array", MAX_ARRAY), 0, True), "brute_force": _sub(section, "brute_force", {"sizes"})}
     if not ctx["bootstrap"]["confidence"] < 1:
         raise ExperimentError(f"experiment.bootstrap.confidence={ctx['bootstrap']['confidence']}: must be in (0, 1)")
     chunk = ctx["search"]["chunk"]

@@ -160,14 +160,44 @@ def log_path(out: Path, cell_id: str) -> Path:
     return Path(out) / "logs" / (cell_id.replace("/", "__") + ".log")
 
 
-def slurm_command(plan: dict[str, Any], repo: Path, extra: list[str] | tuple = ()) -> list[str]:
-    """The sbatch command of a job array with one task per cell of the plan (done cells exit at
-    once); `extra`: more sbatch arguments (`--gres=gpu:1`, `--time=...`)."""
+MAX_ARRAY = 1000  # array tasks per job (SLURM's MaxArraySize is 1001 by default)
+
+
+def slurm_commands(plan: dict[str, Any], repo: Path, extra: list[str] | tuple = (),
+                   max_array: int = MAX_ARRAY) -> list[list[str]]:
+    """The sbatch commands of job arrays with one task per cell of the plan (done cells exit at
+    once), `max_array` cells per array: array task i of the array starting at cell `a` runs cell
+    `a + i` (`CELL_OFFSET=a`); `extra`: more sbatch arguments (`--gres=gpu:1`, `--time=...`)."""
     exp, n = plan["experiment"], len(plan["cells"])
-    return ["env", f"EXPERIMENT_DIR={plan.get('plan_dir', plan['out'])}", f"NCELLS={n}",
-            f"OMP_NUM_THREADS={exp['threads_per_worker']}", "sbatch", f"--array=0-{n - 1}%{exp['workers']}",
-            f"--cpus-per-task={exp['threads_per_worker']}", f"--job-name={exp['name']}", *extra,
-            str(repo / "slurm" / "sweep.sbatch")]
+    cmds = []
+    for a in range(0, n, max_array):
+        b = min(n, a + max_array)
+        cmds.append(["env", f"EXPERIMENT_DIR={plan.get('plan_dir', plan['out'])}", f"NCELLS={n}", f"CELL_OFFSET={a}",
+                     f"OMP_NUM_THREADS={exp['threads_per_worker']}", "sbatch", f"--array=0-{b - a - 1}%{exp['workers']}",
+                     f"--cpus-per-task={exp['threads_per_worker']}", f"--job-name={exp['name']}", *extra,
+                     str(repo / "slurm" / "sweep.sbatch")])
+    return cmds
+
+
+def submit(cmds: list[list[str]], wait: bool = False) -> int:
+    """Submit the arrays one after another (each after the previous one ended: `--dependency=
+    afterany`, so at most `workers` cells run at once); with `wait`, return when the last ended."""
+    previous = None
+    for i, cmd in enumerate(cmds):
+        cmd = list(cmd)
+        at = cmd.index("sbatch") + 1
+        cmd[at:at] = ["--parsable"] + ([f"--dependency=afterany:{previous}"] if previous else []) + \
+            (["--wait"] if wait and i == len(cmds) - 1 else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr)
+        job = proc.stdout.strip().split(";")[0]
+        if proc.returncode != 0:
+            what = "ended with a failed task" if job else "failed"
+            print(f"sbatch {what} (status {proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
+            return proc.returncode
+        print(f"submitted job array {job}: {' '.join(cmd)}", file=sys.stderr)
+        previous = job
+    return 0
 
 
 def run_cell_main(plan_dir: str, cell_id: str | None, index: int | None) -> int:

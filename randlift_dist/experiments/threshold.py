@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from .cost import describe as describe_cost
 from .price_plan import parse, plan_pairs
 from .figures import write_csv
 from .price_report import brute_cells, compare, report
-from .runner import (EXIT_CONFIG, REPO, ExperimentError, atomic_write, is_done, run_local, slurm_command,
+from .runner import (EXIT_CONFIG, REPO, ExperimentError, atomic_write, is_done, run_local, slurm_commands, submit,
                      write_plan)
 
 PROG = "python -m randlift_dist.experiments.threshold"
@@ -108,12 +107,13 @@ def round_plan(ctx: dict[str, Any], cells: list[dict[str, Any]], name: str | Non
     return plan
 
 
-def _slurm(ctx: dict[str, Any], plan: dict[str, Any], submit: bool, wait: bool) -> int:
-    cmd = slurm_command(plan, REPO, ctx["slurm_args"])
-    if wait:
-        cmd.insert(cmd.index("sbatch") + 1, "--wait")
-    print(" ".join(cmd))
-    return subprocess.call(cmd) if submit else 0
+def _slurm(ctx: dict[str, Any], plan: dict[str, Any], submit_it: bool, wait: bool) -> int:
+    cmds = slurm_commands(plan, REPO, ctx["slurm_args"], ctx["max_array"])
+    print("\n".join(" ".join(cmd) for cmd in cmds))
+    if len(cmds) > 1:
+        print(f"threshold: {len(cmds)} arrays of at most {ctx['max_array']} cells (experiment.max_array); "
+              "--submit chains them (--dependency=afterany)", file=sys.stderr)
+    return submit(cmds, wait) if submit_it else 0
 
 
 def run(ctx: dict[str, Any], args: argparse.Namespace) -> int:
