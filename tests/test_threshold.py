@@ -316,7 +316,8 @@ def test_slurm_rounds_resume_and_aggregate(tmp_path, capsys):
     for r in range(len(expected)):
         cmd, plan = slurm()
         n = len(plan["cells"])
-        assert f"EXPERIMENT_DIR={out}/rounds/{r:03d} NCELLS={n} OMP_NUM_THREADS=1 sbatch --array=0-{n - 1}%2" in cmd
+        assert (f"EXPERIMENT_DIR={out}/rounds/{r:03d} NCELLS={n} CELL_OFFSET=0 OMP_NUM_THREADS=1 "
+                f"sbatch --array=0-{n - 1}%2") in cmd
         assert "--time=00:10:00" in cmd and cmd.endswith("slurm/sweep.sbatch")
         if r == 1 and n > 1:  # an interrupted round: all but one cell finished; the same round is reused
             finish(plan["cells"][1:])
@@ -329,6 +330,30 @@ def test_slurm_rounds_resume_and_aggregate(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "sbatch" not in captured.out and "4 of 4 (task, kind) pairs complete" in captured.err
     assert (out / "price.csv").is_file() and (out / "figures" / "p_collapse.png").is_file()
+
+
+def test_big_rounds_are_chained_arrays(tmp_path, monkeypatch):
+    from randlift_dist.experiments import runner
+
+    plan = {"experiment": {"name": "x", "workers": 3, "threads_per_worker": 2}, "out": "/o",
+            "plan_dir": "/o/rounds/004",
+            "cells": [{"id": str(i)} for i in range(5)]}
+    cmds = runner.slurm_commands(plan, Path("/repo"), ["--gres=gpu:1"], max_array=2)
+    assert [c[3] for c in cmds] == ["CELL_OFFSET=0", "CELL_OFFSET=2", "CELL_OFFSET=4"]
+    assert [c[6] for c in cmds] == ["--array=0-1%3", "--array=0-1%3", "--array=0-0%3"]
+    assert all(c[1:3] == ["EXPERIMENT_DIR=/o/rounds/004", "NCELLS=5"] and c[-2:] == ["--gres=gpu:1",
+               "/repo/slurm/sweep.sbatch"] for c in cmds)
+    # submission: each array depends on the previous one; --wait on the last (a fake sbatch records its arguments)
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\necho $(( $(wc -l < {tmp_path}/calls) + 100 ))\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    assert runner.submit(cmds, wait=True) == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("--parsable --array=0-1%3") and "--dependency" not in calls[0]
+    assert calls[1].startswith("--parsable --dependency=afterany:101 --array=0-1%3")
+    assert calls[2].startswith("--parsable --dependency=afterany:102 --wait --array=0-0%3")
 
 
 # ---------------------------------------------------------------- the real command, tiny
@@ -391,8 +416,8 @@ def test_rounds_as_chained_job_arrays_on_slurm(cluster, tmp_path):
     out = tmp_path / "out"
     cfg["experiment"].update(out=str(out), sizes=[1, 2], seeds=1, max_array=1, tasks=cfg["experiment"]["tasks"][:1])
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    proc = cluster.run(sys.executable, "-m", "randlift_dist.experiments.threshold", "--config", str(tmp_path / "p.yaml"),
-                       "--slurm", "--submit", "--drive", timeout=360,
+    proc = cluster.run(sys.executable, "-m", "randlift_dist.experiments.threshold", "--config",
+                       str(tmp_path / "p.yaml"), "--slurm", "--submit", "--drive", timeout=360,
                        env={"SBATCH_OUTPUT": f"{cluster.root}/out/price-%A_%a.out", "SBATCH_TIMELIMIT": "10"})
     assert "1 of 1 (task, kind) pairs complete" in proc.stderr, proc.stderr[-3000:] + cluster.job_logs()
     # round 0 holds the two P cells: two arrays of one cell (max_array=1), the second after the first

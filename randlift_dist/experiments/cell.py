@@ -177,7 +177,7 @@ def analyse(run_dir: Path, target=None, extras: bool = True) -> dict[str, Any]:
         out = {"step": step, **_final_record(records, step, run_dir, names), "params": stats.get("params"),
                "eval_train_max": cfg.train.eval_train_max}
     out.update({"steps": cfg.train.steps, "last_batch_loss": trained[-1]["loss"] if trained else None,
-                "edges": stats.get("edges"), "loss": cfg.train.loss, "data_kind": cfg.data.kind})
+                "edges": stats.get("edges"), "loss_name": cfg.train.loss, "data_kind": cfg.data.kind})
     if cfg.data.kind == "teacher":
         out.update(label_noise=cfg.data.label_noise, teacher_size=cfg.data.teacher_size)
     if target is not None:

@@ -33,7 +33,7 @@ from .target import Target, parse_target
 RESULT_COLUMNS = ["id", "kind", "law", "degree", "size", "seed", "params", "edges", "steps", "eps", "train_loss",
                   "test_loss", "reached", "step_test_eps", "reached_train", "step_train_eps", "last_batch_loss",
                   "distance", "proxy_train_loss", "proxy_test_loss", "train_s", "wall_s", "metric", "target", "value",
-                  "step_reached", "test_accuracy", "train_accuracy", "loss", "data_kind"]
+                  "step_reached", "test_accuracy", "train_accuracy", "loss_name", "data_kind"]
 SUMMARY_COLUMNS = ["kind", "size", "cells", "reached", "p_reach", "wilson_lo", "wilson_hi", "median_test_loss",
                    "median_train_loss", "median_proxy_test_loss", "median_distance", "params", "metric", "target",
                    "median_value", "median_test_accuracy"]
