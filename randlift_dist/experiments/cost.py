@@ -7,9 +7,10 @@ The model (`experiment.cost`, stated in the printed line): a cell costs
 expected parameter count (edges x d_v x d_u + biases + readout, from the lift law, nothing sampled:
 the estimator's count). `startup_s` is the process (imports, the CUDA context), trainer set-up and
 analysis; `step_s` a step's fixed cost (kernel launches, Python), the last term the arithmetic.
-The defaults are assumptions: CPU from the convergence grid on the 2-core machine (idle: 288 cells
-of 1000 steps in 11 min 19 s with 2 workers, about 4.7 s of a worker per cell), GPU never
-measured (20 s start, 4 ms per step, 3e11 parameter-samples per second).
+The defaults are assumptions. CPU (2 s, 1.5 ms, 2e8): the model gives 1089 worker-seconds for
+the convergence grid's 288 cells (sizes 2 to 64, 1000 steps), which took 1358 on the idle 2-core
+machine (11 min 19 s with 2 workers) with the distance / proxy analysis and offline wandb that
+the price-of-randomness cells skip. GPU (20 s, 4 ms, 3e11): never measured.
 Calibration: with at least `MIN_MEASURED` finished cells of this experiment, the model's times
 are also scaled by the median of (startup_s + measured wall_s) / predicted over them, and both
 numbers are printed (measured on the machine that ran them, at its load).

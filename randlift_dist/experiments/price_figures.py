@@ -30,6 +30,9 @@ def plot(ctx: dict[str, Any], price: list[dict[str, Any]], curves: list[dict[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     top = f"s_{round(max(ctx['levels']) * 100)}"
@@ -65,6 +68,10 @@ def plot(ctx: dict[str, Any], price: list[dict[str, Any]], curves: list[dict[str
     ax.set(xscale="log", yscale="log", xlabel="s_min (smallest size any run reached the target)",
            ylabel=f"{top} (P(s) crosses {max(ctx['levels']):g})",
            title=f"{title}: {top} against s_min (bars: bootstrap {ctx['bootstrap']['confidence']:.0%})")
+    for axis in (ax.xaxis, ax.yaxis):  # powers of 2, plain numbers
+        axis.set_major_locator(LogLocator(base=2))
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     paths.append(_save(plt, fig, fig_dir / "s90_vs_smin.png"))
@@ -89,6 +96,9 @@ def plot(ctx: dict[str, Any], price: list[dict[str, Any]], curves: list[dict[str
     ax.set(yscale="log", xlabel="degree", ylabel=f"{top} / s_min",
            title=f"{title}: the price of randomness against the degree")
     ax.axhline(1, color="k", lw=0.8, ls=":")
+    ax.yaxis.set_major_locator(LogLocator(base=2))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     paths.append(_save(plt, fig, fig_dir / "ratio_vs_degree.png"))

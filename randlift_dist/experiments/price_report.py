@@ -111,7 +111,8 @@ def _fmt(x: Any) -> str:
 
 
 def markdown(ctx: dict[str, Any], price: list[dict[str, Any]]) -> str:
-    """`price.md`: the README's table (every level's s_q with its interval and censoring)."""
+    """`price.md`: the README's table (every level's s_q with its bootstrap interval, and its
+    censoring or, in parentheses, the measured sizes around the crossing)."""
     qs = [round(q * 100) for q in ctx["levels"]]
     top = max(qs)
     lines = ["| task | target | kind | s_min | " + " | ".join(f"s_{q} [CI]" for q in qs)
@@ -120,7 +121,9 @@ def markdown(ctx: dict[str, Any], price: list[dict[str, Any]]) -> str:
     for r in price:
         note = f" ({r['s_min_note'].split(':')[0]})" if r["s_min_note"] else ""
         cells = [f"{_fmt(r[f's_{q}'])} [{_fmt(r[f's_{q}_lo'])}, {_fmt(r[f's_{q}_hi'])}]"
-                 + (f" ({r[f's_{q}_censored']})" if r[f"s_{q}_censored"] else "") for q in qs]
+                 + (f" ({r[f's_{q}_censored']})" if r[f"s_{q}_censored"] else
+                    f" ({r[f's_{q}_bracket_lo']}-{r[f's_{q}_bracket_hi']})" if r[f"s_{q}_bracket_lo"] else "")
+                 for q in qs]
         lines.append(f"| {r['task']} | `{r['target']}` | {r['kind']} | {_fmt(r['s_min'])}{note} | " + " | ".join(cells)
                      + f" | {_fmt(r['ratio'])} [{_fmt(r['ratio_lo'])}, {_fmt(r['ratio_hi'])}] | "
                        f"{_fmt(r['ratio_task'])} |")
