@@ -48,6 +48,8 @@ from .runner import (EXIT_CONFIG, REPO, ExperimentError, atomic_write, is_done, 
                      write_plan)
 
 PROG = "python -m randlift_dist.experiments.threshold"
+# The settings that decide which cells the rounds run (a round planned with others is not resumed).
+PLANNING = ("out", "tasks", "kinds", "sizes", "seeds", "levels", "refine_rounds", "resolution", "search")
 
 
 def load_results(out: Path) -> dict[str, dict]:
@@ -63,7 +65,8 @@ def load_results(out: Path) -> dict[str, dict]:
 
 
 def write_setups(ctx: dict[str, Any]) -> str:
-    """Write the setups' training configs and `experiment.json`; returns the experiment's hash."""
+    """Write the setups' training configs and `experiment.json`; returns the hash of the settings
+    that plan rounds (`PLANNING`)."""
     out = Path(ctx["out"])
     (out / "setups").mkdir(parents=True, exist_ok=True)
     for t in ctx["tasks"]:
@@ -71,9 +74,9 @@ def write_setups(ctx: dict[str, Any]) -> str:
     summary = {k: v for k, v in ctx.items() if k != "tasks"}
     summary["tasks"] = [{"name": t["name"], "target": t["target"].to_dict(), "setup": t["setup"], "grid": t["grid"],
                          "search_lrs": t["search_lrs"], "search_steps": t["search_steps"]} for t in ctx["tasks"]]
-    text = json.dumps(summary, indent=1)
-    atomic_write(out / "experiment.json", text)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    atomic_write(out / "experiment.json", json.dumps(summary, indent=1))
+    planning = {k: summary[k] for k in PLANNING}  # not workers, cost, bootstrap...: they plan nothing
+    return hashlib.sha256(json.dumps(planning, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def unfinished_round(ctx: dict[str, Any]) -> dict[str, Any] | None:
