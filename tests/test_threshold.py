@@ -358,7 +358,8 @@ def test_big_rounds_are_chained_arrays(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the real command, tiny
 REAL = copy.deepcopy(TINY)
-REAL["experiment"].update({"sizes": [1, 2, 4], "kinds": [{"law": "full"}], "brute_force": {"sizes": [1, 2, 3, 4]},
+REAL["experiment"].update({"sizes": [1, 2, 4], "seeds": 1, "kinds": [{"law": "full"}],
+                           "brute_force": {"sizes": [1, 2, 3, 4]},
                            "search": {"seeds": 1, "lrs": [0.1], "steps": 40, "chunk": 1}})
 REAL["experiment"]["tasks"][0]["target"]["max"] = 0.15
 
@@ -388,7 +389,7 @@ def test_tiny_experiment_through_the_command(tmp_path):
     for row in curve:
         eps = {"t3": 0.15, "t3-loose": 0.3}[row["task"]]
         runs = [r for r in results.values() if r["size"] == int(row["size"]) and r["steps"] == 20]
-        assert int(row["n"]) == len(runs) == 2
+        assert int(row["n"]) == len(runs) == 1
         assert int(row["k"]) == sum(r["test_loss"] <= eps for r in runs)
         assert all(r["law"] == "full" and "distance" not in r and r["step"] == r["steps"] for r in runs)
     price = (out / "price.csv").read_text()
