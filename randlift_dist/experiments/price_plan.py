@@ -186,6 +186,7 @@ def _tasks(tasks: Any, ctx: dict[str, Any], train: dict, overrides: list[str]) -
         if not isinstance(extra, dict):
             raise ExperimentError(f"{key}.train={extra!r}: a mapping of training settings (merged into train:)")
         cfg = resolve_training(_merge(train, extra), overrides, None, f"{key}.train")
+        _packages(cfg, f"{key}.train")
         try:
             check_task(target, cfg.train.loss, f"{key}.target")
         except TargetError as err:
@@ -204,6 +205,17 @@ def _tasks(tasks: Any, ctx: dict[str, Any], train: dict, overrides: list[str]) -
                     "lr": cfg.train.lr, "steps": cfg.train.steps, "batch": cfg.train.batch_size,
                     "search_lrs": [float(x) for x in lrs], "search_steps": int(steps)})
     return out
+
+
+def _packages(cfg, key: str) -> None:
+    """Data kinds that ship with packages: refuse now, not in every cell, when one is missing."""
+    import importlib.util
+
+    package = {"digits": "sklearn", "mnist1d": "mnist1d"}.get(cfg.data.kind)
+    if package and importlib.util.find_spec(package) is None:
+        name = "scikit-learn" if package == "sklearn" else package
+        raise ExperimentError(f"{key}: data.kind={cfg.data.kind} needs the {name} package: "
+                              f"pip install -e '.[data]' (or pip install {name})")
 
 
 # ---------------------------------------------------------------- cells
