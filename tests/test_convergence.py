@@ -1,5 +1,7 @@
-"""The convergence experiment: a tiny grid through the real command, resume, Wilson intervals, the
-readout-only least-squares proxy, the distance travelled, and config errors."""
+"""The convergence experiment: a tiny grid through the real command (its regression results pinned
+against the values the grid gave before targets existed), resume, a classification grid with an
+accuracy target, Wilson intervals, the readout-only least-squares proxy, the distance travelled,
+and config errors."""
 
 from __future__ import annotations
 
@@ -33,6 +35,41 @@ TINY = {
 }
 
 
+# The tiny grid's results as computed by the code before `experiment.target` existed (commit
+# ec369a3, this machine, OMP_NUM_THREADS=1). The regression analysis must not change them: the
+# same trainings, the same whole-set MSE, the same proxy and distance, the same success flags.
+GOLDEN_FIELDS = ("params", "edges", "train_loss", "test_loss", "reached", "step_test_eps", "reached_train",
+                 "step_train_eps", "distance", "proxy_train_loss", "proxy_test_loss")
+GOLDEN = {
+    "bernoulli-d2_s2_seed0": (12, 6, 0.1707571669152836, 0.3408680734906253, False, None, False, None,
+                              0.6597089415188422, 0.4653000766817512, 0.625648666941445),
+    "bernoulli-d2_s2_seed1": (12, 6, 0.08161764471860068, 0.08245081312517577, True, 20, True, 15,
+                              0.6382073967721827, 0.2087843931422268, 0.2625487260184103),
+    "bernoulli-d2_s4_seed0": (24, 12, 0.14223773617193206, 0.21442798240687824, False, None, False, None,
+                              0.6168920219335606, 0.1952115747871555, 0.26714242880719824),
+    "bernoulli-d2_s4_seed1": (27, 15, 0.10202493555802938, 0.10718216915209437, False, None, False, None,
+                              0.623295485789557, 0.04202365544915091, 0.06162910372056103),
+    "full_s2_seed0": (12, 6, 0.1707571669152836, 0.3408680734906253, False, None, False, None,
+                      0.6597089415188422, 0.4653000766817512, 0.625648666941445),
+    "full_s2_seed1": (12, 6, 0.08161764471860068, 0.08245081312517577, True, 20, True, 15,
+                      0.6382073967721827, 0.2087843931422268, 0.2625487260184103),
+    "full_s4_seed0": (32, 20, 0.17194291587659077, 0.18828231764070666, False, None, False, None,
+                      0.6035793587787, 0.19521157586890975, 0.2671409493924193),
+    "full_s4_seed1": (32, 20, 0.14124058779097814, 0.14355198603975672, False, None, False, 15,
+                      0.7207564370564342, 0.04202366218672497, 0.061629176782416244),
+}
+
+
+def check_golden(out: Path) -> None:
+    for cid, want in GOLDEN.items():
+        r = json.loads((out / "cells" / cid / "result.json").read_text())
+        for key, w in zip(GOLDEN_FIELDS, want):
+            if isinstance(w, float):
+                assert r[key] == pytest.approx(w, rel=1e-5, abs=1e-9), (cid, key, r[key], w)
+            else:
+                assert r[key] == w, (cid, key, r[key], w)
+
+
 def run_cli(tmp_path: Path, cfg: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -56,13 +93,15 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     assert len(lines) == 1 + 8, lines
     ids = {line.split(",")[0] for line in lines[1:]}
     assert ids == {f"{k}_s{s}_seed{i}" for k in ("bernoulli-d2", "full") for s in (2, 4) for i in (0, 1)}
+    check_golden(out)
     for name in ("p_reach", "final_loss", "distance"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 4
     r = json.loads((out / "cells" / "full_s4_seed1" / "result.json").read_text())
     assert r["steps"] == r["step"] == 20 and r["size"] == 4 and r["seed"] == 1 and r["law"] == "full"
-    assert r["reached"] == (r["test_loss"] <= 0.1)
+    assert r["reached"] == (r["test_loss"] <= 0.1) and r["metric"] == "test_loss" and r["target"] == "test_loss <= 0.1"
+    assert r["value"] == r["test_loss"] and "test_accuracy" not in r
     if r["reached"]:  # the final evaluation (step 20) is logged, so a success has a first step
         assert r["step_test_eps"] is not None and r["step_test_eps"] <= 20
     assert r["distance"] > 0 and r["params"] > 0 and 0 <= r["proxy_train_loss"] < 2
@@ -98,6 +137,11 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     ({"eps": -1}, "experiment.eps"),
     ({"colour": "red"}, "experiment.colour"),
     ({"workers": 0}, "experiment.workers"),
+    ({"target": {"metric": "test_loss", "max": 0.1}}, "experiment.eps and experiment.target"),
+    ({"eps": None, "target": {"metric": "test_loss", "min": 0.1}}, "experiment.target"),
+    ({"eps": None, "target": {"metric": "test_acc", "min": 0.9}}, "experiment.target.metric"),
+    ({"eps": None, "target": {"metric": "test_accuracy", "min": 0.9}}, "train.loss=cross_entropy"),
+    ({"eps": None}, "experiment.target is missing"),
 ])
 def test_malformed_experiment_config_exits_2(tmp_path, change, key):
     cfg = copy.deepcopy(TINY)
@@ -121,6 +165,44 @@ def test_malformed_training_section_and_slurm_plan(tmp_path):
     assert [c["id"] for c in plan["cells"]][:3] == ["bernoulli-d2_s2_seed0", "bernoulli-d2_s2_seed1",
                                                       "bernoulli-d2_s2_seed2"]
     assert not list((tmp_path / "out" / "cells").iterdir())  # --slurm runs nothing here
+
+
+CLASSIFY = {
+    "experiment": {"name": "classify", "sizes": [4], "seeds": 2, "workers": 2,
+                   "target": {"metric": "test_accuracy", "min": 0.6}, "kinds": [{"law": "bernoulli", "degree": 2}]},
+    "train": {"model": {"base": {"builder": "mlp", "in_dim": 3, "hidden_dims": [1], "out_dim": 3,
+                                 "activation": "tanh"}},
+              "data": {"n_train": 128, "n_test": 64, "teacher_size": 4, "teacher_degree": 2},
+              "train": {"steps": 20, "batch_size": 32, "lr": 0.05, "loss": "cross_entropy", "eval_every": 10},
+              "wandb": {"mode": "disabled"}},
+}
+
+
+@pytest.mark.timeout(300)
+def test_classification_grid_with_an_accuracy_target(tmp_path):
+    out = tmp_path / "out"
+    cfg = copy.deepcopy(CLASSIFY)
+    cfg["experiment"]["out"] = str(out)
+    proc = run_cli(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        r = json.loads((out / "cells" / f"bernoulli-d2_s4_seed{seed}" / "result.json").read_text())
+        last = [json.loads(x) for x in (out / "cells" / r["id"] / "metrics.jsonl").read_text().splitlines()][-1]
+        # whole-set metrics of the final weights: the trainer's own final evaluation (128 <= eval_train_max rows)
+        for key in ("test_accuracy", "train_accuracy", "test_loss", "train_loss"):
+            assert r[key] == pytest.approx(last[key], rel=1e-5), key
+        assert r["test_accuracy"] * 64 == pytest.approx(round(r["test_accuracy"] * 64))
+        assert r["metric"] == "test_accuracy" and r["target"] == "test_accuracy >= 0.6"
+        assert r["reached"] == (r["test_accuracy"] >= 0.6) and r["value"] == r["test_accuracy"]
+        assert r["reached_train"] == (r["train_accuracy"] >= 0.6)
+        assert "proxy_test_loss" not in r and "eps" not in r and r["distance"] > 0  # regression-only extras skipped
+    summary = (out / "summary.csv").read_text().splitlines()
+    header = summary[0].split(",")
+    row = dict(zip(header, summary[1].split(",")))
+    assert row["target"] == "test_accuracy >= 0.6" and row["median_proxy_test_loss"] == ""
+    assert float(row["median_test_accuracy"]) == pytest.approx(float(row["median_value"]))
+    assert (out / "figures" / "final_accuracy.png").stat().st_size > 1000
+    assert not (out / "figures" / "final_loss.png").exists()
 
 
 def test_wilson_against_hand_computed_values():

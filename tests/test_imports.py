@@ -31,7 +31,9 @@ ORDER = [
     "engine_deepspeed", "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
     "job_store", "outcome", "launcher",
     # tools built on the trainer
-    "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
+    "experiments", "experiments.collect", "experiments.target", "experiments.figures", "experiments.cell",
+    "experiments.runner", "experiments.convergence", "experiments.adaptive", "experiments.price_plan",
+    "experiments.cost", "experiments.price_figures", "experiments.price_report", "experiments.threshold",
     "",  # the package itself: re-exports the public API
 ]
 

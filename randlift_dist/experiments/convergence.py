@@ -1,4 +1,4 @@
-"""Does it converge? A grid of teacher-student trainings over lift sizes x seeds x lift kinds.
+"""Does it converge? A grid of trainings over lift sizes x seeds x lift kinds, on any task.
 
     python -m randlift_dist.experiments.convergence --config configs/convergence_cpu.yaml [key=value ...]
 
@@ -11,7 +11,12 @@ A cell is (lift kind, lift size, seed): the seed is both `model.lift.seed` and
 `model.weight_seed`; a kind is `{law: bernoulli|fixed_degree, degree: D}` or `{law: full}`.
 Every cell runs the real trainer entry point (`randlift_dist.train.main`) in its own process with
 `run.dir=<out>/cells/<cell id>`, the torch engine at world size 1, no intermediate checkpoints,
-then `cell.analyse` writes `result.json` (atomically) beside it.
+then `cell.analyse` writes `result.json` (atomically) beside it. Any data kind and loss: success
+is `experiment.target` (`{metric: test_loss, max: X}`, `{metric: test_accuracy, min: A}`, ...;
+`experiment.eps: X` is `test_loss <= X`, `target.py`), and tables and figures name it.
+
+Cells run through `runner.py` (the plan schema, one process per cell, local workers, the SLURM
+array command), as the price-of-randomness experiment's (`threshold.py`) do.
 
 Invariants:
 - The resolved plan is `<out>/plan.json` (+ the resolved training config `<out>/train.yaml`);
@@ -28,20 +33,18 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-EXIT_CONFIG = 2
+from .runner import (EXIT_CONFIG, FORCED, REPO, ExperimentError, fingerprint, is_done,
+                     run_cell_main, run_local, slurm_commands, submit, write_plan)
+from .target import TargetError, check_task, from_experiment, parse_target
+
 LAWS = ("bernoulli", "fixed_degree", "full")
 EXPERIMENT_KEYS = {
     "name": "experiment name (wandb group, figure titles); default: the file's stem",
@@ -49,27 +52,22 @@ EXPERIMENT_KEYS = {
     "sizes": "lift sizes: a list of positive integers",
     "seeds": "seeds (lift seed = weight seed): a list of integers, or a count n for 0..n-1",
     "kinds": "lift kinds: a list of {law: bernoulli|fixed_degree, degree: D} or {law: full}",
-    "eps": "target loss: a cell succeeds when its final test loss is <= eps",
+    "target": "success: {metric: test_loss|train_loss, max: X} or {metric: test_accuracy|train_accuracy, min: A}",
+    "eps": "shorthand for target {metric: test_loss, max: eps} (give target or eps)",
     "workers": "cells run at once locally (default 1)",
     "threads_per_worker": "torch / OpenMP threads of each cell (default 1)",
 }
-# Keys every cell sets last on its trainer command line (the experiment owns them).
-FORCED = ["parallel.engine=torch", "parallel.lift_parallel=1", "run.progress=false", "checkpoint.every=0",
-          "checkpoint.keep=1", "train.resume=none", "train.stop_at=null"]
-
-
-class ExperimentError(ValueError):
-    """A bad experiment config; the message names the key and the fix."""
 
 
 # ---------------------------------------------------------------- config
-def _kind(i: int, k: Any) -> dict[str, Any]:
+def parse_kind(i: int, k: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A lift kind `{law, degree}` (degree None for `full`); `extra` keys are allowed and ignored."""
     key = f"experiment.kinds[{i}]"
     if not isinstance(k, dict) or "law" not in k:
         raise ExperimentError(f"{key}={k!r}: write {{law: bernoulli, degree: 4}} or {{law: full}}")
-    unknown = sorted(set(k) - {"law", "degree"})
+    unknown = sorted(set(k) - {"law", "degree", *extra})
     if unknown:
-        raise ExperimentError(f"{key}: unknown key(s) {unknown}; a kind has only law and degree")
+        raise ExperimentError(f"{key}: unknown key(s) {unknown}; a kind has {', '.join(['law', 'degree', *extra])}")
     law = k["law"]
     if law not in LAWS:
         raise ExperimentError(f"{key}.law={law!r}: choose one of {', '.join(LAWS)}")
@@ -88,7 +86,7 @@ def kind_tag(kind: dict[str, Any]) -> str:
     return "full" if kind["law"] == "full" else f"{kind['law']}-d{kind['degree']:g}"
 
 
-def _int_list(key: str, v: Any, positive: bool) -> list[int]:
+def int_list(key: str, v: Any, positive: bool) -> list[int]:
     if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
         raise ExperimentError(f"experiment.{key}={v!r}: expected a non-empty list of integers")
     if positive and min(v) <= 0 or not positive and min(v) < 0:
@@ -106,7 +104,7 @@ def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
     if unknown:
         raise ExperimentError(f"unknown key(s) {', '.join('experiment.' + k for k in unknown)}; "
                               f"known: {', '.join(EXPERIMENT_KEYS)}")
-    for key in ("out", "sizes", "seeds", "kinds", "eps"):
+    for key in ("out", "sizes", "seeds", "kinds"):
         if key not in section:
             raise ExperimentError(f"experiment.{key} is missing: {EXPERIMENT_KEYS[key]}")
     seeds = section["seeds"]
@@ -117,15 +115,17 @@ def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
     kinds = section["kinds"]
     if not isinstance(kinds, list) or not kinds:
         raise ExperimentError(f"experiment.kinds={kinds!r}: expected a non-empty list of {{law, degree}}")
-    kinds = [_kind(i, k) for i, k in enumerate(kinds)]
+    kinds = [parse_kind(i, k) for i, k in enumerate(kinds)]
     if len({kind_tag(k) for k in kinds}) != len(kinds):
         raise ExperimentError(f"experiment.kinds: {[kind_tag(k) for k in kinds]} has duplicates")
-    eps = section["eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ExperimentError(f"experiment.eps={eps!r}: expected a number > 0")
+    try:
+        target = from_experiment(section)
+    except TargetError as err:
+        raise ExperimentError(str(err)) from None
     out: dict[str, Any] = {"name": section.get("name") or default_name, "out": section["out"],
-                           "sizes": _int_list("sizes", section["sizes"], True),
-                           "seeds": _int_list("seeds", seeds, False), "kinds": kinds, "eps": float(eps)}
+                           "sizes": int_list("sizes", section["sizes"], True),
+                           "seeds": int_list("seeds", seeds, False), "kinds": kinds,
+                           "target": target.to_dict(), "label": target.label}
     if not isinstance(out["out"], str) or not out["out"]:
         raise ExperimentError(f"experiment.out={out['out']!r}: expected a directory path")
     if not isinstance(out["name"], str):
@@ -138,8 +138,11 @@ def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
     return out
 
 
-def load_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """`(experiment, training mapping, training overrides)` from the file and the overrides."""
+def read_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str], str]:
+    """`(experiment section with its overrides, training mapping, training overrides, file stem)`.
+
+    `experiment.<key>=value` sets a key of the section (`experiment.a.b=v` a key of the mapping
+    `a`); any other override is the training config's."""
     from ..config_parse import parse_override
 
     src = Path(path)
@@ -158,12 +161,17 @@ def load_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, A
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] == "experiment":
-            if len(keys) != 2:
+            if len(keys) < 2:
                 raise ExperimentError(f"override {text!r}: write experiment.<key>=value")
-            section[keys[1]] = value
+            node = section
+            for k in keys[1:-1]:
+                if not isinstance(node.get(k), dict):
+                    node[k] = {}
+                node[k] = dict(node[k])
+                node = node[k]
+            node[keys[-1]] = value
         else:
             train_overrides.append(text)
-    exp = parse_experiment(section, src.stem)
     train = data.get("train")
     if isinstance(train, str):
         tpath = (src.parent / train) if not Path(train).is_absolute() else Path(train)
@@ -172,11 +180,18 @@ def load_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, A
         train = yaml.safe_load(tpath.read_text()) or {}
     if not isinstance(train, dict):
         raise ExperimentError(f"train={train!r}: expected a training config mapping or the path of one")
-    return exp, train, train_overrides
+    return section, train, train_overrides, src.stem
 
 
-def resolve_training(train: dict, overrides: list[str]):
-    """The validated training `Config` every cell starts from (cell keys are set per cell)."""
+def load_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """`(experiment, training mapping, training overrides)` from the file and the overrides."""
+    section, train, train_overrides, stem = read_experiment(path, overrides)
+    return parse_experiment(section, stem), train, train_overrides
+
+
+def resolve_training(train: dict, overrides: list[str], target: dict | None = None, key: str = "train"):
+    """The validated training `Config` every cell starts from (cell keys are set per cell); with a
+    `target`, checks that the task measures its metric."""
     from ..config import ConfigError, load_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -184,12 +199,14 @@ def resolve_training(train: dict, overrides: list[str]):
     try:
         cfg = load_config(f.name, overrides + FORCED)
     except ConfigError as err:
-        raise ExperimentError(f"train: {err}") from None
+        raise ExperimentError(f"{key}: {err}") from None
     finally:
         os.unlink(f.name)
-    if cfg.data.kind != "teacher":
-        raise ExperimentError(f"train: data.kind={cfg.data.kind!r}: the convergence experiment needs "
-                              "data.kind=teacher (the teacher is the witness network)")
+    if target is not None:
+        try:
+            check_task(parse_target(target), cfg.train.loss)
+        except TargetError as err:
+            raise ExperimentError(str(err)) from None
     return cfg
 
 
@@ -214,123 +231,18 @@ def make_plan(exp: dict[str, Any], cfg) -> dict[str, Any]:
                 if kind["degree"] is not None:
                     argv.append(f"model.lift.degree={kind['degree']}")
                 argv += FORCED + [f"run.dir={out / 'cells' / cid}", f"run.name={exp['name']}-{cid}"]
-                fp = hashlib.sha256(json.dumps([train_yaml, argv, exp["eps"]]).encode()).hexdigest()[:16]
+                fp = fingerprint(train_yaml, argv, exp["target"])
                 cells.append({"id": cid, "kind": kind_tag(kind), "law": kind["law"], "degree": kind["degree"],
-                              "size": size, "seed": seed, "argv": argv, "fingerprint": fp})
+                              "size": size, "seed": seed, "argv": argv, "fingerprint": fp,
+                              "target": exp["target"], "extras": True})
     return {"experiment": exp, "out": str(out), "wandb_mode": cfg.wandb.mode, "wandb_project": cfg.wandb.project,
             "wandb_entity": cfg.wandb.entity, "train_yaml": train_yaml, "cells": cells}
-
-
-def write_plan(plan: dict[str, Any]) -> Path:
-    out = Path(plan["out"])
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "train.yaml", plan["train_yaml"])
-    _atomic_write(out / "plan.json", json.dumps(plan, indent=1))
-    return out / "plan.json"
-
-
-def read_plan(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / "plan.json"
-    if not path.is_file():
-        raise ExperimentError(f"{path}: no plan (run the experiment with --config first)")
-    return json.loads(path.read_text())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def is_done(plan: dict[str, Any], cell: dict[str, Any]) -> bool:
-    path = Path(plan["out"]) / "cells" / cell["id"] / "result.json"
-    try:
-        return json.loads(path.read_text()).get("fingerprint") == cell["fingerprint"]
-    except (OSError, ValueError):
-        return False
-
-
-# ---------------------------------------------------------------- one cell
-def run_cell(plan: dict[str, Any], cell: dict[str, Any], threads: int) -> int:
-    """Train one cell from scratch through the trainer's entry point, then write its result.json."""
-    import torch
-
-    from .. import train
-    from .cell import analyse
-
-    if is_done(plan, cell):
-        return 0
-    torch.set_num_threads(threads)
-    run_dir = Path(plan["out"]) / "cells" / cell["id"]
-    shutil.rmtree(run_dir, ignore_errors=True)  # a crashed or stale cell restarts from scratch
-    run_dir.mkdir(parents=True)
-    t0 = time.time()
-    rc = train.main(list(cell["argv"]))
-    if rc != 0:
-        print(f"cell {cell['id']}: the trainer exited with status {rc}", file=sys.stderr)
-        return rc
-    result = {"id": cell["id"], "kind": cell["kind"], "law": cell["law"], "degree": cell["degree"],
-              "size": cell["size"], "seed": cell["seed"], "train_s": round(time.time() - t0, 3)}
-    result.update(analyse(run_dir, plan["experiment"]["eps"]))
-    if result["step"] != result["steps"]:  # stopped early (a signal): not a finished cell
-        print(f"cell {cell['id']}: the trainer stopped at step {result['step']} of {result['steps']}; "
-              "rerun the experiment to redo this cell", file=sys.stderr)
-        return 3
-    result["wall_s"] = round(time.time() - t0, 3)
-    result["fingerprint"] = cell["fingerprint"]
-    _atomic_write(run_dir / "result.json", json.dumps(result, indent=1))
-    return 0
-
-
-def run_local(plan: dict[str, Any]) -> list[str]:
-    """Run the cells not yet done, `workers` at a time; returns the ids of failed cells."""
-    from tqdm import tqdm
-
-    exp, out = plan["experiment"], Path(plan["out"])
-    todo = [c for c in plan["cells"] if not is_done(plan, c)]
-    threads = exp["threads_per_worker"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), WANDB_RUN_GROUP=exp["name"],
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])]
-                                          + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    (out / "logs").mkdir(exist_ok=True)
-    bar = tqdm(total=len(plan["cells"]), initial=len(plan["cells"]) - len(todo), desc=exp["name"], unit="cell",
-               file=sys.stderr, dynamic_ncols=True)
-    running: dict[str, tuple[subprocess.Popen, Any]] = {}
-    failed = []
-    queue = list(todo)
-    while queue or running:
-        while queue and len(running) < exp["workers"]:
-            cell = queue.pop(0)
-            log = open(out / "logs" / f"{cell['id']}.log", "w")
-            cmd = [sys.executable, "-m", "randlift_dist.experiments.convergence", "--run-cell", str(out),
-                   "--cell", cell["id"]]
-            running[cell["id"]] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-        time.sleep(0.2)
-        for cid, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[cid]
-            if proc.returncode != 0:
-                failed.append(cid)
-                bar.write(f"cell {cid} failed (status {proc.returncode}): see {out / 'logs' / (cid + '.log')}")
-            bar.update(1)
-    bar.close()
-    return failed
-
-
-def slurm_command(plan: dict[str, Any], repo: Path) -> list[str]:
-    """The sbatch command of a job array with one task per cell (done cells exit at once)."""
-    exp, n = plan["experiment"], len(plan["cells"])
-    return ["env", f"EXPERIMENT_DIR={plan['out']}", f"NCELLS={n}", f"OMP_NUM_THREADS={exp['threads_per_worker']}",
-            "sbatch", f"--array=0-{n - 1}%{exp['workers']}", f"--cpus-per-task={exp['threads_per_worker']}",
-            f"--job-name={exp['name']}", str(repo / "slurm" / "sweep.sbatch")]
 
 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m randlift_dist.experiments.convergence",
-                                 description="Convergence grid: lift sizes x seeds x lift kinds on the teacher task.")
+                                 description="Convergence grid: lift sizes x seeds x lift kinds on any task.")
     ap.add_argument("--config", help="experiment YAML (sections experiment: and train:)")
     ap.add_argument("overrides", nargs="*", help="experiment.<key>=value, or training key.path=value")
     ap.add_argument("--aggregate", action="store_true", help="run nothing: aggregate the finished cells")
@@ -341,20 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", type=int, help="with --run-cell: the cell's index in the plan (SLURM array task)")
     args = ap.parse_args(argv)
     try:
-        if args.run_cell:
-            plan = read_plan(args.run_cell)
-            cells = plan["cells"]
-            match = [c for c in cells if c["id"] == args.cell] if args.cell else \
-                cells[args.index:args.index + 1] if args.index is not None and 0 <= args.index < len(cells) else []
-            if not match:
-                raise ExperimentError(f"--cell {args.cell!r} / --index {args.index!r}: not a cell of the plan in "
-                                      f"{args.run_cell} ({len(cells)} cells, indices 0..{len(cells) - 1})")
-            threads = int(os.environ.get("OMP_NUM_THREADS") or plan["experiment"]["threads_per_worker"])
-            return run_cell(plan, match[0], threads)
+        if args.run_cell:  # kept for plans and job scripts that call this module
+            return run_cell_main(args.run_cell, args.cell, args.index)
         if not args.config:
             raise ExperimentError("--config FILE is required (an experiment YAML, e.g. configs/convergence_cpu.yaml)")
         exp, train, train_overrides = load_experiment(args.config, args.overrides)
-        plan = make_plan(exp, resolve_training(train, train_overrides))
+        plan = make_plan(exp, resolve_training(train, train_overrides, exp["target"]))
     except ExperimentError as err:
         print(f"convergence: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -362,11 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     n_done = sum(is_done(plan, c) for c in plan["cells"])
     print(f"convergence: {len(plan['cells'])} cells ({n_done} already done) in {plan['out']}", file=sys.stderr)
     if args.slurm:
-        cmd = slurm_command(plan, Path(__file__).resolve().parents[2])
-        print(" ".join(cmd))
-        if args.submit:
-            return subprocess.call(cmd)
-        return 0
+        cmds = slurm_commands(plan, REPO)
+        print("\n".join(" ".join(cmd) for cmd in cmds))
+        return submit(cmds) if args.submit else 0
     failed = [] if args.aggregate else run_local(plan)
     from .figures import aggregate
 

@@ -4,11 +4,15 @@
 experiment's `out` directory:
 
 - `results.csv`: one row per finished cell (`RESULT_COLUMNS`);
-- `summary.csv`: one row per (lift kind, size): cells, successes, P(reach eps) with its Wilson 95%
-  interval, medians of the final test loss, proxy test loss, distance and parameter count;
-- `figures/p_reach.png` (P(test loss <= eps) against lift size, Wilson intervals, one line per
-  kind), `figures/final_loss.png` (final test loss against lift size and against parameter count,
-  with the readout-only proxy), `figures/distance.png` (distance travelled against lift size);
+- `summary.csv`: one row per (lift kind, size): cells, successes, P(reach the target) with its
+  Wilson 95% interval, the target (`metric`, `target`: e.g. `test_accuracy >= 0.9`), medians of
+  the target's metric, the final test and train loss (and test accuracy for classification),
+  proxy test loss (regression), distance and parameter count;
+- `figures/p_reach.png` (P(target) against lift size, Wilson intervals, one line per kind; the
+  axis names the target), `figures/final_loss.png` for a loss target, `final_accuracy.png` for
+  an accuracy target (the target's metric against lift size and against parameter count; for
+  `test_loss` with the readout-only proxy), `figures/distance.png` (distance travelled against
+  lift size);
 - with `wandb.mode` not `disabled`: a summary run (group = experiment name) with both tables and
   the images (the cells' own runs are logged by the trainer in the same group).
 
@@ -24,11 +28,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .target import Target, parse_target
+
 RESULT_COLUMNS = ["id", "kind", "law", "degree", "size", "seed", "params", "edges", "steps", "eps", "train_loss",
                   "test_loss", "reached", "step_test_eps", "reached_train", "step_train_eps", "last_batch_loss",
-                  "distance", "proxy_train_loss", "proxy_test_loss", "train_s", "wall_s"]
+                  "distance", "proxy_train_loss", "proxy_test_loss", "train_s", "wall_s", "metric", "target", "value",
+                  "step_reached", "test_accuracy", "train_accuracy", "loss_name", "data_kind"]
 SUMMARY_COLUMNS = ["kind", "size", "cells", "reached", "p_reach", "wilson_lo", "wilson_hi", "median_test_loss",
-                   "median_train_loss", "median_proxy_test_loss", "median_distance", "params"]
+                   "median_train_loss", "median_proxy_test_loss", "median_distance", "params", "metric", "target",
+                   "median_value", "median_test_accuracy"]
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float, float]:
@@ -71,7 +79,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "wilson_hi": hi, "median_test_loss": _median(g, "test_loss"),
                         "median_train_loss": _median(g, "train_loss"),
                         "median_proxy_test_loss": _median(g, "proxy_test_loss"),
-                        "median_distance": _median(g, "distance"), "params": _median(g, "params")})
+                        "median_distance": _median(g, "distance"), "params": _median(g, "params"),
+                        "metric": g[0].get("metric"), "target": g[0].get("target"),
+                        "median_value": _median(g, "value"), "median_test_accuracy": _median(g, "test_accuracy")})
     return out
 
 
@@ -97,9 +107,10 @@ def _by_kind(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], fig_dir: Path, eps: float,
+def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], fig_dir: Path, target: Target,
          title: str) -> list[Path]:
-    """The three figures (PNG, Agg backend); returns their paths."""
+    """The three figures (PNG, Agg backend); returns their paths. Every axis that shows success or
+    the target's metric names it (`target.label`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,32 +127,34 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], fig_dir: Pat
         y = [s["p_reach"] for s in g]
         err = [[s["p_reach"] - s["wilson_lo"] for s in g], [s["wilson_hi"] - s["p_reach"] for s in g]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[kind], label=kind)
-    ax.set(xscale="log", xlabel="lift size s", ylabel=f"P(final test loss <= {eps:g})", ylim=(-0.05, 1.05),
-           title=f"{title}: reaching eps ({n_seeds} seeds, Wilson 95%)")
+    ax.set(xscale="log", xlabel="lift size s", ylabel=f"P(final {target.label})", ylim=(-0.05, 1.05),
+           title=f"{title}: reaching {target.label} ({n_seeds} seeds, Wilson 95%)")
     ax.set_xscale("log", base=2)
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(_save(fig, fig_dir / "p_reach.png"))
 
+    metric, proxy = target.metric, target.metric == "test_loss"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for kind, g in _by_kind(rows).items():
         for ax, key in zip(axes, ("size", "params")):
-            ax.scatter([r[key] for r in g], [r["test_loss"] for r in g], s=10, alpha=0.45, color=colours[kind])
+            ax.scatter([r[key] for r in g], [r.get(metric) for r in g], s=10, alpha=0.45, color=colours[kind])
     for kind, g in _by_kind(summary).items():
         for ax, key in zip(axes, ("size", "params")):
-            ax.plot([s[key] for s in g], [s["median_test_loss"] for s in g], "-o", color=colours[kind],
+            ax.plot([s[key] for s in g], [s["median_value"] for s in g], "-o", color=colours[kind],
                     label=f"{kind}: trained (median)")
-            ax.plot([s[key] for s in g], [s["median_proxy_test_loss"] for s in g], "--", color=colours[kind],
-                    alpha=0.7, label=f"{kind}: readout-only proxy")
+            if proxy and any(s["median_proxy_test_loss"] is not None for s in g):
+                ax.plot([s[key] for s in g], [s["median_proxy_test_loss"] for s in g], "--", color=colours[kind],
+                        alpha=0.7, label=f"{kind}: readout-only proxy")
     for ax, label in zip(axes, ("lift size s", "parameters")):
-        ax.axhline(eps, color="k", lw=0.8, ls=":", label=f"eps = {eps:g}")
-        ax.set(xscale="log", yscale="log", xlabel=label)
+        ax.axhline(target.bound, color="k", lw=0.8, ls=":", label=f"target: {target.label}")
+        ax.set(xscale="log", yscale="log" if target.is_loss else "linear", xlabel=label)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log", base=2)
-    axes[0].set_ylabel("final test loss")
+    axes[0].set_ylabel(f"final {metric.replace('_', ' ')}")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{title}: final test loss (dots: cells)")
-    paths.append(_save(fig, fig_dir / "final_loss.png"))
+    fig.suptitle(f"{title}: final {metric.replace('_', ' ')} (dots: cells)")
+    paths.append(_save(fig, fig_dir / ("final_loss.png" if target.is_loss else "final_accuracy.png")))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for kind, g in _by_kind(rows).items():
@@ -192,7 +205,7 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
     summary = summarise(rows) if rows else []
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
-    figures = plot(rows, summary, out / "figures", exp["eps"], exp["name"]) if rows else []
+    figures = plot(rows, summary, out / "figures", parse_target(exp["target"]), exp["name"]) if rows else []
     if rows and plan.get("wandb_mode", "disabled") != "disabled":
         log_wandb(plan, rows, summary, figures)
     return {"rows": rows, "summary": summary, "figures": figures}
