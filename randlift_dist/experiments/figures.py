@@ -7,7 +7,10 @@ experiment's `out` directory:
 - `summary.csv`: one row per (lift kind, size): cells, successes, P(reach the target) with its
   Wilson 95% interval, the target (`metric`, `target`: e.g. `test_accuracy >= 0.9`), medians of
   the target's metric, the final test and train loss (and test accuracy for classification),
-  proxy test loss (regression), distance and parameter count;
+  proxy test loss (regression), distance and parameter count; the mean, standard deviation, minimum
+  and maximum of the target's metric over the seeds, and the median wall time of a cell;
+- `summary.md`: the same per kind and size as a markdown table (parameters, the target's metric
+  as mean +- std [min, max], successes, wall time): what the README's result tables are;
 - `figures/p_reach.png` (P(target) against lift size, Wilson intervals, one line per kind; the
   axis names the target), `figures/final_loss.png` for a loss target, `final_accuracy.png` for
   an accuracy target (the target's metric against lift size and against parameter count; for
@@ -36,7 +39,8 @@ RESULT_COLUMNS = ["id", "kind", "law", "degree", "size", "seed", "params", "edge
                   "step_reached", "test_accuracy", "train_accuracy", "loss_name", "data_kind"]
 SUMMARY_COLUMNS = ["kind", "size", "cells", "reached", "p_reach", "wilson_lo", "wilson_hi", "median_test_loss",
                    "median_train_loss", "median_proxy_test_loss", "median_distance", "params", "metric", "target",
-                   "median_value", "median_test_accuracy"]
+                   "median_value", "median_test_accuracy", "mean_value", "std_value", "min_value", "max_value",
+                   "median_wall_s"]
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float, float]:
@@ -81,8 +85,32 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "median_proxy_test_loss": _median(g, "proxy_test_loss"),
                         "median_distance": _median(g, "distance"), "params": _median(g, "params"),
                         "metric": g[0].get("metric"), "target": g[0].get("target"),
-                        "median_value": _median(g, "value"), "median_test_accuracy": _median(g, "test_accuracy")})
+                        "median_value": _median(g, "value"), "median_test_accuracy": _median(g, "test_accuracy"),
+                        **_spread(g, "value"), "median_wall_s": _median(g, "wall_s")})
     return out
+
+
+def _spread(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Mean, sample standard deviation, minimum and maximum of a column over the seeds of a row."""
+    xs = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return {"mean_value": statistics.fmean(xs) if xs else None,
+            "std_value": statistics.stdev(xs) if len(xs) > 1 else None,
+            "min_value": min(xs) if xs else None, "max_value": max(xs) if xs else None}
+
+
+def markdown(summary: list[dict[str, Any]], target: Target) -> str:
+    """`summary.md`: per kind and size, the parameters (median over seeds), the target's metric over
+    the seeds (mean, standard deviation, range), successes and the median wall time of a cell."""
+    head = (f"| kind | s | params | {target.metric}: mean +- std [min, max] | {target.label} | wall s / cell |\n"
+            "|---|---:|---:|---|---:|---:|\n")
+    lines = []
+    for r in summary:
+        v = r["mean_value"]
+        spread = "-" if v is None else (f"{v:.4f} +- {r['std_value']:.4f}" if r["std_value"] is not None else f"{v:.4f}")
+        rng = "" if v is None else f" [{r['min_value']:.4f}, {r['max_value']:.4f}]"
+        lines.append(f"| {r['kind']} | {r['size']} | {r['params']:,.0f} | {spread}{rng} | {r['reached']} / {r['cells']} "
+                     f"| {r['median_wall_s']:.0f} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -205,6 +233,8 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
     summary = summarise(rows) if rows else []
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    if summary:
+        (out / "summary.md").write_text(markdown(summary, parse_target(exp["target"])))
     figures = plot(rows, summary, out / "figures", parse_target(exp["target"]), exp["name"]) if rows else []
     if rows and plan.get("wandb_mode", "disabled") != "disabled":
         log_wandb(plan, rows, summary, figures)
