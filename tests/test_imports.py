@@ -22,9 +22,11 @@ import randlift_dist
 PKG = Path(randlift_dist.__file__).parent
 ORDER = [
     # local kernels: depend on nothing else of the project
-    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
+    "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen",
+    "ops.window", "ops.embed", "ops",
     # the stages
-    "graph", "lift", "launch_env", "layout", "partition", "plan", "comm", "model", "parallelize", "rows",
+    "geometry", "graph_schema", "graph_builders", "graph", "lift", "launch_env", "layout", "partition", "plan", "comm",
+    "model_vertices", "model_edges", "model", "parallelize", "rows",
     "config", "planstats", "estimate", "data", "engine", "checkpoint", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
