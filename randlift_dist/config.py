@@ -207,7 +207,12 @@ class Config:
         return self
 
     def _check_base(self) -> None:
-        self.out_dim(self.build_lift()[0])
+        base = self.build_lift()[0]
+        self.out_dim(base)
+        if base.output_positions:
+            raise ConfigError(f"model.base: the output vertices {base.outputs} have positions "
+                              f"{base.output_positions}, but a task reads one vector per sample: end them with a "
+                              "mean, select or flatten edge")
 
     def out_dim(self, base: BaseGraph) -> int:
         """The readout width (`model.out_dim`, or the output vertices' common dimension)."""
