@@ -45,6 +45,7 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
 }
 ROLES = ("input", "hidden", "output")
+_GROUPS = {None: "", "q": "q ", "kv": "k and v "}
 __all__ = ["ACTIVATIONS", "ROLES", "BaseGraph", "Edge", "GraphError", "Vertex", "Window", "edge_key"]
 
 
@@ -75,6 +76,7 @@ class BaseGraph:
         self.edges: list[Edge] = sorted(edges, key=lambda e: (pos[e.dst], pos[e.src], SLOTS.index(e.slot) if e.slot else -1))
         self._check_roles()
         self._resolved: dict[tuple[str, ...], Edge] = {}
+        self._kv_positions: dict[str, tuple[int, ...]] = {}  # attention vertices: positions of keys and values
         self._positions = self._derive_positions()
 
     # ---------------------------------------------------------------- validation
@@ -172,29 +174,36 @@ class BaseGraph:
             if v.role == "input":
                 out[name] = v.positions or ()
                 continue
-            got: dict[tuple[int, ...], str] = {}
-            slots = set()
+            got: dict[str | None, dict[tuple[int, ...], str]] = {}  # per group of slots: positions -> an edge
             for e in self.in_edges(name):
                 e = self._resolve(e, out[e.src])
                 self._check_edge(e, v)
-                slots.add(e.slot)
-                got.setdefault(edge_positions(e.kind, e.window, e.index, out[e.src], f"edge {e}"), str(e))
-            if len(got) > 1:
-                raise GraphError(f"vertex {name!r}: its in-edges give different positions "
-                                 + ", ".join(f"{p or '()'} ({e})" for p, e in got.items())
-                                 + ": make them agree (kernel, stride, padding, or a mean/select/flatten edge)")
-            (p,) = got
-            if v.positions is not None and v.positions != p:
-                raise GraphError(f"vertex {name!r} declares positions {v.positions or '()'} but its in-edges give "
-                                 f"{p or '()'}: fix the declaration or the edges")
+                group = "kv" if e.slot in ("k", "v") else e.slot  # keys and values share their positions
+                got.setdefault(group, {}).setdefault(
+                    edge_positions(e.kind, e.window, e.index, out[e.src], f"edge {e}"), str(e))
+            for group, ps in got.items():
+                if len(ps) > 1:
+                    raise GraphError(f"vertex {name!r}: its {_GROUPS[group]}in-edges give "
+                                     "different positions " + ", ".join(f"{p or '()'} ({e})" for p, e in ps.items())
+                                     + ": make them agree (kernel, stride, padding, or a mean/select/flatten edge)")
             if v.kind == "attention":
-                missing = [s for s in SLOTS if s not in slots]
+                missing = [s for s in SLOTS if not any(e.slot == s for e in self.in_edges(name))]
                 if missing:
                     raise GraphError(f"attention vertex {name!r} has no in-edge for slot(s) {missing}: give it edges "
                                      "{src: u, dst: " + name + ", slot: q} (and k, v)")
-                if not p:
+                (p,), (kv,) = got["q"], got["kv"]
+                if not p or not kv:
                     raise GraphError(f"attention vertex {name!r} has no positions: attention runs over positions "
-                                     "(tokens); feed it from a vertex with positions")
+                                     "(tokens); feed it from vertices with positions")
+                if v.causal and numel(p) != numel(kv):
+                    raise GraphError(f"causal attention vertex {name!r} has {numel(p)} query and {numel(kv)} key "
+                                     "positions: a causal mask needs as many of each (or set causal: false)")
+                self._kv_positions[name] = kv
+            else:
+                (p,) = got[None]
+            if v.positions is not None and v.positions != p:
+                raise GraphError(f"vertex {name!r} declares positions {v.positions or '()'} but its in-edges give "
+                                 f"{p or '()'}: fix the declaration or the edges")
             out[name] = p
         self.edges = [self._resolved.get(e.key, e) for e in self.edges]
         outs = {out[t] for t in self.outputs}
@@ -239,6 +248,10 @@ class BaseGraph:
     def positions(self, name: str) -> tuple[int, ...]:
         """The positions of vertex `name` (`()` for a vector)."""
         return self._positions[name]
+
+    def key_positions(self, name: str) -> tuple[int, ...]:
+        """Positions of the keys and values of attention vertex `name` (its own are the queries')."""
+        return self._kv_positions[name]
 
     def input_width(self, name: str) -> int:
         """Columns of `x` for input `name`: `prod(positions) * dim`, position-major (`[*P, d]`);

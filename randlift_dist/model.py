@@ -267,7 +267,8 @@ class LiftedNetwork(nn.Module):
             q, k, val = z["q"], z["k"], z["v"]
             if b is not None:
                 q, k, val = q + b[:, 0, :, None], k + b[:, 1, :, None], val + b[:, 2, :, None]
-            return act(attention(q, k, val, numel(self.base.positions(v)), vx.causal))
+            P, Pk = numel(self.base.positions(v)), numel(self.base.key_positions(v))
+            return act(attention(q, k, val, P, Pk, vx.causal))
         z = z[None]
         if b is not None:
             z = z + b.unsqueeze(-1)

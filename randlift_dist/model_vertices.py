@@ -9,7 +9,8 @@ fastest) and needs no communication:
   would break the locality of the lift (a member's value would depend on vertices it has no edge
   from), and sharded it would need a collective per vertex.
 - `attention` vertices: per member (a head) and sample, `y = act(softmax(Q K^T / sqrt(d)) V)` over
-  the positions, with Q, K, V the sums of the messages of the q, k and v in-edges (plus a bias per
+  the positions (queries at the vertex's positions, keys and values at theirs: cross-attention
+  when they differ), with Q, K, V the sums of the messages of the q, k and v in-edges (plus a bias per
   slot); causal: position p attends to positions <= p (row-major order of the positions).
   Computed by `scaled_dot_product_attention` on `[n * B, P, d]` views.
 """
@@ -36,8 +37,9 @@ def _heads(z: torch.Tensor, P: int) -> torch.Tensor:
     return z.view(n, d, cols // P, P).permute(0, 2, 3, 1).reshape(n * (cols // P), P, d)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int, causal: bool) -> torch.Tensor:
-    """`softmax(Q K^T / sqrt(d)) V` per member and sample: q, k, v `[n, d, B * P]` -> `[n, d, B * P]`."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int, Pk: int, causal: bool) -> torch.Tensor:
+    """`softmax(Q K^T / sqrt(d)) V` per member and sample: q `[n, d, B * P]`, k and v `[n, d, B * Pk]`
+    (P query and Pk key positions) -> `[n, d, B * P]`."""
     n, d, cols = q.shape
-    out = F.scaled_dot_product_attention(_heads(q, P), _heads(k, P), _heads(v, P), is_causal=causal)
+    out = F.scaled_dot_product_attention(_heads(q, P), _heads(k, Pk), _heads(v, Pk), is_causal=causal)
     return out.view(n, cols // P, P, d).permute(0, 3, 1, 2).reshape(n, d, cols)

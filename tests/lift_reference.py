@@ -47,7 +47,8 @@ def _edge_message(e, y: torch.Tensor, W: torch.Tensor, base) -> torch.Tensor:
 
 
 def _attention(q, k, v, causal: bool) -> torch.Tensor:
-    """Per sample, q, k, v `[B, d, *P]` -> `softmax(Q K^T / sqrt(d)) V` over the flattened positions."""
+    """Per sample, q `[B, d, *P]`, k and v `[B, d, *Pk]` -> `softmax(Q K^T / sqrt(d)) V` over the
+    flattened positions, `[B, d, *P]`."""
     B, d = q.shape[:2]
     Q, K, V = (t.flatten(2).transpose(1, 2) for t in (q, k, v))  # [B, P, d]
     s = Q @ K.transpose(1, 2) / math.sqrt(d)
@@ -87,15 +88,16 @@ def reference_forward(net, x: torch.Tensor):
             for k in range(src.numel()):
                 msg = _edge_message(e, ys[e.src][int(src[k])], W[k], base)
                 j = int(dst[k])
-                z.setdefault(e.slot, torch.zeros(n, B, d, *P, dtype=torch.float64))
+                z.setdefault(e.slot, torch.zeros(n, *msg.shape, dtype=torch.float64))
                 z[e.slot][j] += msg
         for slot in ([None] if vx.kind == "sum" else ["q", "k", "v"]):
-            z.setdefault(slot, torch.zeros(n, B, d, *P, dtype=torch.float64))
+            Ps = base.key_positions(v) if slot in ("k", "v") else P
+            z.setdefault(slot, torch.zeros(n, B, d, *Ps, dtype=torch.float64))
         b = net.bias(v)
         out = torch.zeros(n, B, d, *P, dtype=torch.float64)
         for j in range(n):
             if vx.kind == "attention":
-                q, k_, val = (z[s][j] + (0 if b is None else b[j, i].detach().double().view(1, d, *([1] * len(P))))
+                q, k_, val = (z[s][j] + (0 if b is None else b[j, i].detach().double().view(1, d, *([1] * (z[s].dim() - 3))))
                               for i, s in enumerate("qkv"))
                 out[j] = ACT[vx.activation](_attention(q, k_, val, vx.causal))
                 continue
