@@ -65,6 +65,11 @@ class ModelConfig:
         "lifted edges kept as index arrays (stored), or drawn again from the lift's seed chunk by chunk in every "
         "forward and backward (regenerate: no per-edge indices in memory, slower; for d = 1 lifts, where indices "
         "outweigh the parameters)", "stored")
+    init_from: str | None = doc(
+        "warm start: a checkpoint (or run) directory of a trained smaller lift of the same base (or the base network "
+        "itself); its weights are pulled back so the network computes the same function at step 0", None)
+    init_noise: float = doc("warm start: add this times the fresh initial edge weights (breaks the symmetry of copies)",
+                            0.0)
 
 
 @dataclass
@@ -198,6 +203,11 @@ class Config:
         if self.model.topology == "regenerate" and self.model.impl != "auto":
             raise ConfigError(f"model.impl={self.model.impl} with model.topology=regenerate: the regenerated "
                               "topology has its own chunked kernel; set model.impl=auto (or model.topology=stored)")
+        if self.model.init_from is not None and not Path(self.model.init_from).is_dir():
+            raise ConfigError(f"model.init_from={self.model.init_from!r}: no such directory (give a checkpoint "
+                              "directory or the run directory of a trained smaller lift)")
+        if not self.model.init_noise >= 0:
+            raise ConfigError(f"model.init_noise={self.model.init_noise!r}: must be >= 0")
         if not 0 < self.parallel.allgather_threshold:
             raise ConfigError(f"parallel.allgather_threshold={self.parallel.allgather_threshold!r}: must be > 0")
         if self.train.resume not in ("auto", "none") and not Path(self.train.resume).exists():
