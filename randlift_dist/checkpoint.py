@@ -37,7 +37,6 @@ on every rank; after reads own rows plus one 4 MiB block at a time and pays the 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -50,7 +49,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .rows import RowsError, file_problem, read_rows, row_keys, sha256_file, verify_file, write_rows
+from .data import data_identity
+from .rows import RowsError, file_problem, read_rows, row_keys, verify_file, write_rows
 
 FORMAT = 2
 BLOCK_BYTES = 4 << 20  # target bytes per block: a 4 MiB read and hash per overlapping block
@@ -133,12 +133,8 @@ def _collect(engine):
 
 
 def _data_fingerprint(cfg) -> dict[str, Any]:
-    """What determines the training data: `cfg.data`, and a data file's size and sha256."""
-    d = dataclasses.asdict(cfg.data)
-    path = d.get("path")
-    if d.get("kind") == "file" and path and Path(path).is_file():
-        d["file_sha256"] = sha256_file(Path(path))
-    return d
+    """What determines the training data (`data.data_identity`: the kind's settings, a file's sha256)."""
+    return data_identity(cfg)
 
 
 def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_bytes: int = BLOCK_BYTES) -> Path:
@@ -330,10 +326,15 @@ def check_compatible(meta: dict, cfg, lift, path: Path) -> None:
     if meta["optimizer"] != cfg.train.optimizer:
         raise CheckpointError(f"checkpoint {path} was trained with train.optimizer={meta['optimizer']}: "
                               f"resume with the same optimizer (this run: {cfg.train.optimizer})")
+    saved_loss = meta.get("config", {}).get("train", {}).get("loss", "mse")
+    if saved_loss != cfg.train.loss:
+        raise CheckpointError(f"checkpoint {path} was trained with train.loss={saved_loss}: resume with the same loss "
+                              f"(this run: {cfg.train.loss}) or start a new run.dir")
     if getattr(cfg.train, "resume_allow_data_change", False):
         return
     old, new = meta.get("data", {}), _data_fingerprint(cfg)
-    changed = [f"data.{k} {old.get(k)!r} -> {new.get(k)!r}" if k != "file_sha256" else "contents of data.path"
+    changed = [f"data.{k} {old.get(k)!r} -> {new.get(k)!r}" if not k.endswith("sha256") else
+               "contents of data.path"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         raise CheckpointError(f"checkpoint {path} was trained on other data (changed: {', '.join(changed)}); "

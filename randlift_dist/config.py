@@ -11,29 +11,20 @@ later (`derive`), never written in the file.
 from __future__ import annotations
 
 import dataclasses
-import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from .config_parse import ConfigError, apply_overrides, build, doc
+from .config_parse import describe_fields as _describe_fields
 from .graph import BaseGraph, GraphError
 from .layout import LayoutError, check_degrees
 from .lift import LiftError, fully_connected_lift, random_sparse_lift
 from .plan import ALLGATHER_THRESHOLD
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the fix."""
-
-
-def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A dataclass field with its one-line documentation in the metadata."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+__all__ = ["Config", "ConfigError", "load_config", "dump_config", "describe_fields"]
 
 
 @dataclass
@@ -73,17 +64,51 @@ class ModelConfig:
 
 
 @dataclass
+class Mnist1dConfig:
+    num_samples: int = doc("samples generated (the generator's num_samples), split into train and test", 5000)
+    train_split: float = doc("fraction of the samples in the training split (the generator's train_split)", 0.8)
+    length: int = doc("length of each signal (the generator's final_seq_length)", 40)
+    seed: int = doc("seed of the generator (its own default is 42)", 42)
+    cache_dir: str | None = doc("where the generated arrays are cached (null: $RANDLIFT_CACHE or "
+                                "~/.cache/randlift_dist)", None)
+
+
+@dataclass
+class DigitsConfig:
+    test_fraction: float = doc("fraction of each class held out for the test set (stratified split)", 0.2)
+    split_seed: int = doc("seed of the train/test split (data.seed orders the batches)", 0)
+
+
+@dataclass
+class ShardsConfig:
+    verify: bool = doc("hash every shard (sha256, split over the ranks) and check every label when the run starts",
+                       True)
+
+
+DATA_KINDS = ("teacher", "file", "npz", "mnist1d", "digits", "shards")
+PATH_KINDS = ("file", "npz", "shards")
+
+
+@dataclass
 class DataConfig:
-    kind: Literal["teacher", "file"] = doc("teacher-student task, or arrays from a .npz/.pt file", "teacher")
-    path: str | None = doc("file with arrays x [N, in_dim] and y [N, out_dim] (kind: file)", None)
+    kind: Literal["teacher", "file", "npz", "mnist1d", "digits", "shards"] = doc(
+        "the data: teacher (teacher-student task), npz (arrays in a .npz/.pt file; 'file' is the same), mnist1d "
+        "(MNIST-1D, generated offline), digits (scikit-learn's 8x8 digits), shards (a directory of .npy shards "
+        "read lazily: data larger than memory)", "teacher")
+    path: str | None = doc("data.kind=npz: the .npz/.pt file (arrays x [N, in_dim] and y: [N, out_dim] floats, or [N] "
+                           "integer classes; optional x_test, y_test); data.kind=shards: the directory "
+                           "(randlift_dist.data.write_shards)", None)
     n_train: int = doc("training samples (teacher task)", 2048)
-    n_test: int = doc("test samples (teacher task); for files: held-out count", 512)
+    n_test: int = doc("test samples (teacher task); npz without x_test: rows held out for the test set", 512)
     input_dist: Literal["gaussian", "uniform"] = doc("input law of the teacher task", "gaussian")
-    label_noise: float = doc("std of Gaussian noise added to the teacher's training labels", 0.0)
+    label_noise: float = doc("std of Gaussian noise added to the teacher's training labels (regression)", 0.0)
     teacher_size: int = doc("lift size of the teacher (the witness network)", 4)
     teacher_degree: float = doc("average degree of the teacher's lift", 2)
     teacher_seed: int = doc("seed of the teacher's lift and weights", 1234)
-    seed: int = doc("seed of inputs, noise and the epoch order", 0)
+    seed: int = doc("seed of the batch order (every kind), of the teacher's inputs and noise, of the npz split", 0)
+    mnist1d: Mnist1dConfig = doc("data.kind=mnist1d: the generator's arguments", factory=Mnist1dConfig)
+    digits: DigitsConfig = doc("data.kind=digits: the split", factory=DigitsConfig)
+    shards: ShardsConfig = doc("data.kind=shards: reading", factory=ShardsConfig)
 
 
 @dataclass
@@ -110,6 +135,12 @@ class TrainConfig:
     max_skipped: int = doc("on_nonfinite=skip: stop after this many non-finite steps in a row", 10)
     resume_allow_data_change: bool = doc("resume even though the data configuration differs from the checkpoint's",
                                          False)
+    loss: Literal["mse", "cross_entropy"] = doc(
+        "mse (regression) or cross_entropy (classification: integer labels, the readout's outputs are logits, "
+        "accuracy is reported)", "mse")
+    eval_train_max: int | None = doc("training samples evaluated at each evaluation (train_loss, train_accuracy): "
+                                     "all when there are fewer, else this many evenly spaced (null: all; 0: none)",
+                                     4096)
 
 
 @dataclass
@@ -181,8 +212,7 @@ class Config:
                 raise ConfigError(f"{key}={v!r}: must be >= 0")
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr={self.train.lr!r}: must be > 0")
-        if self.data.kind == "file" and not self.data.path:
-            raise ConfigError("data.kind=file needs data.path=<file.npz or file.pt with arrays x and y>")
+        self._check_data()
         if self.parallel.offload_optimizer and (self.parallel.engine != "deepspeed" or self.parallel.zero_stage == 0):
             raise ConfigError("parallel.offload_optimizer=true needs parallel.engine=deepspeed and parallel.zero_stage>=1")
         if self.parallel.offload_optimizer and self.train.optimizer == "sgd":
@@ -215,6 +245,29 @@ class Config:
                               "(use 'auto', 'none' or an existing checkpoint path)")
         self._check_base()
         return self
+
+    def _check_data(self) -> None:
+        d = self.data
+        if d.kind in PATH_KINDS and not d.path:
+            what = "a directory written by randlift_dist.data.write_shards" if d.kind == "shards" else \
+                "a .npz or .pt file with arrays x and y"
+            raise ConfigError(f"data.kind={d.kind} needs data.path=<{what}>")
+        if d.path and d.kind not in PATH_KINDS:
+            raise ConfigError(f"data.path={d.path!r} is set but data.kind={d.kind} does not read a path: set "
+                              "data.kind=npz (a .npz/.pt file) or data.kind=shards (a shard directory), or remove "
+                              "data.path")
+        if not 0 < d.mnist1d.train_split < 1 or not 0 < d.digits.test_fraction < 1:
+            bad = ("data.mnist1d.train_split", d.mnist1d.train_split) if not 0 < d.mnist1d.train_split < 1 else \
+                ("data.digits.test_fraction", d.digits.test_fraction)
+            raise ConfigError(f"{bad[0]}={bad[1]!r}: must be strictly between 0 and 1")
+        for key, v in {"data.mnist1d.num_samples": d.mnist1d.num_samples, "data.mnist1d.length": d.mnist1d.length}.items():
+            if v <= 0:
+                raise ConfigError(f"{key}={v!r}: must be > 0")
+        if self.train.eval_train_max is not None and self.train.eval_train_max < 0:
+            raise ConfigError(f"train.eval_train_max={self.train.eval_train_max}: must be >= 0 (or null for all)")
+        if self.train.loss == "cross_entropy" and d.kind == "teacher" and d.label_noise > 0:
+            raise ConfigError("data.label_noise applies to regression labels: with train.loss=cross_entropy the "
+                              "teacher's labels are classes (the argmax of its outputs); set data.label_noise=0")
 
     def _check_base(self) -> None:
         base = self.build_lift()[0]
@@ -270,118 +323,6 @@ class Config:
             raise ConfigError(f"model.lift: {err}") from None
 
 
-# ---------------------------------------------------------------- parsing
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check (and gently coerce: int -> float) a value against a field type."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e6 as a string
-            return True, float(value)
-        return False, value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return str(tp).replace("typing.", "")
-
-
-def _build(cls: type, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = prefix or "the top level"
-        raise ConfigError(f"unknown key(s) {', '.join(f'{prefix}.{k}'.lstrip('.') for k in unknown)} in {where}; "
-                          f"known keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}".lstrip(".")
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
-            continue
-        ok, value = _type_ok(value, tp)
-        if not ok:
-            raise ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "base":
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: write key.path=value (e.g. train.steps=100)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = _merge({}, data)
-    for text in overrides:
-        path, value = parse_override(text)
-        node: Any = data
-        cls: Any = Config
-        for i, part in enumerate(path):
-            fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
-            if fields is not None and part not in fields:
-                raise ConfigError(f"override {text!r}: unknown key {'.'.join(path[:i + 1])}; "
-                                  f"known keys here: {', '.join(sorted(fields))}")
-            if i == len(path) - 1:
-                node[part] = value
-                break
-            hint = typing.get_type_hints(cls)[part] if fields is not None else None
-            if not isinstance(node.get(part), dict):
-                # a mapping-valued field (model.base) starts from its default, so one key can change
-                fdef = {f.name: f for f in dataclasses.fields(cls)}[part] if fields is not None else None
-                start = fdef.default_factory() if fdef is not None and hint is dict else {}
-                node[part] = start if isinstance(start, dict) else {}
-            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
-            node = node[part]
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read, override, type-check and validate a configuration."""
     data: Any = {}
@@ -392,26 +333,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(src.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{src}: not valid YAML ({err})") from None
+            raise ConfigError(f"{src}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: the top level must be a mapping of sections (model, data, train, ...)")
-    data = apply_overrides(data, list(overrides or []))
-    return _build(Config, data, "").validate()
+    data = apply_overrides(data, list(overrides or []), Config)
+    return build(Config, data, "").validate()
 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def describe_fields(cls: type = Config, prefix: str = "") -> list[str]:
-    """`key: doc` lines for every field (used by `--help-config`)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines += describe_fields(hints[f.name], key + ".")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else "(mapping)"
-            lines.append(f"{key} [{_describe(hints[f.name])}] = {default!r}: {f.metadata.get('doc', '')}")
-    return lines
+def describe_fields(cls: type | None = None) -> list[str]:
+    """`key [type] = default: doc` lines for every field (used by `--help-config`)."""
+    return _describe_fields(cls or Config)

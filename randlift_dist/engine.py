@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError
 from .layout import Layout
+from .tasks import Task
 
 MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 
@@ -148,6 +149,8 @@ class Engine:
         self.net, self.cfg, self.layout = net, cfg, layout
         self.step_count = 0
         self.micro_batches = cfg.micro_batches(layout.data_parallel)
+        self.task = Task(cfg.train.loss, net.out_dim)
+        self.train_hits = 0  # top-1 hits of the training batches since the trainer last read them
 
     def _micro(self, x: torch.Tensor, y: torch.Tensor):
         """`(x, y)` micro-batches of this replica's batch (equal sizes: the config checks it)."""
@@ -170,8 +173,10 @@ class Engine:
         return self.cfg.train.lr * lr_factor(self.cfg, self.step_count)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task's loss of a (micro-)batch, in float32 whatever the precision (`tasks.py`)."""
         out = self.forward(x)
-        return torch.mean((out.float() - y.to(out.device).float()) ** 2)
+        self.train_hits += self.task.correct(out, y)
+        return self.task.loss(out, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.to(self.device()))
@@ -180,12 +185,14 @@ class Engine:
         return next(self.net.parameters()).device
 
     @torch.no_grad()
-    def sum_squared_error(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Sum over these rows of the squared error (mean over outputs); collective over the lift group."""
-        total, step = 0.0, self.cfg.train.micro_batch_size or 1024  # no more activations than training
+    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The task's summed loss and top-1 hits over these rows (`Task.sums`), in chunks of the
+        micro-batch (or 1024 rows: no more activations than training); collective over the lift group."""
+        total = {"loss": 0.0, "correct": 0.0}
+        step = self.cfg.train.micro_batch_size or 1024
         for i in range(0, x.shape[0], step):
-            out = self.forward(x[i:i + step]).float()
-            total += float(((out - y[i:i + step].to(out.device)) ** 2).mean(1).sum())
+            for k, v in self.task.sums(self.forward(x[i:i + step]), y[i:i + step]).items():
+                total[k] += v
         return total
 
     def replica_mean(self, value: float) -> float:

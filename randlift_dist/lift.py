@@ -81,6 +81,12 @@ class Lift:
             return 1.0
         return min(1.0, self.degrees[e.key] / self.sizes[e.src])
 
+    def all_pairs(self, e: Edge) -> bool:
+        """True when every (source, target) pair over `e` is an edge: the fully-connected lift's law,
+        or a degree at least the source fibre's size (then bernoulli keeps every pair with
+        probability 1 and fixed_degree takes every source)."""
+        return self.law == "full" or self.degrees[e.key] >= self.sizes[e.src]
+
     def expected_edges(self, e: Edge) -> float:
         return self.sizes[e.dst] * self.in_degree_of(e)
 

@@ -76,6 +76,7 @@ def lift_statistics(net, layout) -> dict[str, Any]:
         hist = sum(p["hist"][k] for p in parts)
         stats["per_edge"][k] = {
             "edges": int(m), "mean_in_degree": m / net.lift.n(e.dst),
+            "degree": net.lift.degrees.get(e.key), "all_pairs": net.lift.all_pairs(e),
             "in_degree_hist": {int(d): int(c) for d, c in enumerate(hist) if c},
             "halo_fraction": sum(p["remote"][k] for p in parts) / max(m, 1),
             "halo_rows": int(sum(p["halo_rows"][k] for p in parts)),
@@ -111,6 +112,7 @@ class MetricsSink:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
+        self.last_test: dict[str, float] = {}  # shown on the progress bar until the next evaluation
         self.wandb_run = None
         if not enabled:
             return
@@ -119,8 +121,12 @@ class MetricsSink:
         if cfg.run.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+            # smoothing=0: the rate is steps / time since the clock started, and `advance` starts the
+            # clock after the first step (imports, allocation, kernel caches), so the first estimate of
+            # the time left is not that slow step's
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", smoothing=0,
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            self._clock_started = False
         if cfg.wandb.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -139,11 +145,19 @@ class MetricsSink:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
         if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", sps=f"{record.get('samples_per_s', 0):.0f}")
+            self.last_test.update({k: record[k] for k in ("test_loss", "test_accuracy") if k in record})
+            shown = {"loss": record["loss"], "acc": record.get("accuracy"), **self.last_test}
+            post = {k.replace("_accuracy", "_acc"): f"{v:.4g}" for k, v in shown.items() if v is not None}
+            self.bar.set_postfix(**post, sps=f"{record.get('samples_per_s', 0):.0f}")
 
     def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        if self.bar is None:
+            return
+        self.bar.update(steps)
+        if not self._clock_started:  # the rate counts the steps after this one only
+            self._clock_started = True
+            self.bar.initial = self.bar.n
+            self.bar.start_t = self.bar.last_print_t = time.time()
 
     def summary(self, stats: dict[str, Any]) -> None:
         """Lift and plan statistics, once at start (wandb summary; also written as JSON)."""

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, describe_fields, dump_config, load_config
+from .data import build_dataset
 from .engine import require_deepspeed
 from .estimate import MMAP_THRESHOLD
 from .launch_env import discover_env
@@ -93,6 +94,8 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.model.impl == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("model.impl=triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow CPU "
                           "interpreter): use model.impl=auto")
+    base = cfg.build_lift()[0]
+    build_dataset(cfg, base, cfg.out_dim(base))  # labels, widths, files: checked (and kept for the run)
 
 
 def _write_status(cfg: Config | None, rank: int, code: int, message: str) -> None:
@@ -165,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
     else:
         code = EXIT_OK
-        msg = (f"final step {result['step']}: loss {result['loss']:.6g}" if "loss" in result else
-               f"final step {result['step']}") + \
-              (f", test_loss {result['test_loss']:.6g}" if "test_loss" in result else "")
+        keys = ("loss", "accuracy", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+        msg = ", ".join([f"final step {result['step']}"] + [f"{k} {result[k]:.6g}" for k in keys if k in result])
     me = layout.rank if layout is not None else rank
     if code == EXIT_OK:
         if me == 0:

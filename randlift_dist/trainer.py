@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
-from .data import Batches, build_dataset
+from .data import Batches, build_dataset, eval_rows, replica_part, verify_shards
 from .engine import build_engine
 from .layout import Layout
 from .metrics import MetricsSink, lift_statistics, peak_memory_mb, reduce_over_ranks
@@ -62,8 +62,12 @@ class Trainer:
                                  impl=m.impl, recompute=m.recompute,
                                  dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32)
         self.net.to(layout.device())
-        self.data = build_dataset(cfg, self.base, cfg.out_dim(self.base))
-        self.batches = Batches(self.data, cfg.train.batch_size, layout.data_rank, layout.data_parallel, cfg.data.seed)
+        self.data = build_dataset(cfg, self.base, cfg.out_dim(self.base))  # checked (and kept) by the preflight
+        if cfg.data.kind == "shards" and cfg.data.shards.verify:
+            self.phase = "verifying the data shards"
+            verify_shards(self.data, layout.rank, layout.world_size)
+        self.batches = Batches(self.data.train, cfg.train.batch_size, layout.data_rank, layout.data_parallel,
+                               cfg.data.seed)
         self.resumed_from, self.start_step, state = self.resume()
         self.warm = None
         if state is None and cfg.model.init_from:  # a fresh start from a smaller trained lift (collective)
@@ -131,18 +135,36 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Test MSE; the test rows are split over data-parallel replicas (collective)."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the test set and on up to `train.eval_train_max` training rows
+        (`test_loss`, `train_loss`, and `*_accuracy` for classification). Each split's rows are
+        divided over the data-parallel replicas; collective."""
         self.phase = f"evaluation at step {self.step}"
-        ds, L = self.data, self.layout
-        n = ds.x_test.shape[0]
-        if n == 0:
-            return float("nan")
-        lo, hi = n * L.data_rank // L.data_parallel, n * (L.data_rank + 1) // L.data_parallel
-        sse = torch.tensor([self.engine.sum_squared_error(ds.x_test[lo:hi], ds.y_test[lo:hi])], dtype=torch.float64)
+        out: dict[str, float] = {}
+        splits = [("test", self.data.test, None)]
+        if self.cfg.train.eval_train_max != 0:
+            splits.append(("train", self.data.train, eval_rows(len(self.data.train), self.cfg.train.eval_train_max)))
+        for prefix, src, rows in splits:
+            n = len(src) if rows is None else int(rows.size)
+            out.update(self.engine.task.metrics(self._split_sums(src, rows, n) if n else {}, n, prefix))
+        return out
+
+    def _split_sums(self, src, rows, n: int) -> dict[str, float]:
+        """This replica's part of `n` evaluation rows of a source (rows `rows`, or all), read and run
+        in chunks, then summed over the data-parallel group."""
+        L = self.layout
+        lo, hi = replica_part(n, L.data_rank, L.data_parallel)
+        chunk = self.cfg.train.micro_batch_size or 1024
+        sums = {"loss": 0.0, "correct": 0.0}
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            x, y = src.span(a, b) if rows is None else src.take(rows[a:b])
+            for k, v in self.engine.eval_sums(x, y).items():
+                sums[k] += v
+        t = torch.tensor([sums["loss"], sums["correct"]], dtype=torch.float64)
         if L.data_group is not None and L.data_parallel > 1:
-            dist.all_reduce(sse, group=L.data_group)
-        return float(sse) / n
+            dist.all_reduce(t, group=L.data_group)
+        return {"loss": float(t[0]), "correct": float(t[1])}
 
     def _agree(self, stop_signal: int, nonfinite: bool) -> tuple[int, bool]:
         """The one per-step all-reduce: every rank learns the largest signal and any non-finite step."""
@@ -153,13 +175,17 @@ class Trainer:
 
     def _record(self, out: dict[str, Any], window: dict[str, float]) -> dict[str, Any]:
         stats = self.net.comm.stats
+        hits, self.engine.train_hits = self.engine.train_hits, 0
         red = reduce_over_ranks({"comm_bytes": stats.bytes_total, "comm_bytes_max": stats.bytes_total,
                                  "exchange_s_max": stats.wait_s, "peak_mem_mb_max": peak_memory_mb(self.layout.device()),
-                                 "step_time_max": window["t"]},
+                                 "step_time_max": window["t"], "hits": hits},
                                 {"comm_bytes": "sum", "comm_bytes_max": "max", "exchange_s_max": "max",
-                                 "peak_mem_mb_max": "max", "step_time_max": "max"})
+                                 "peak_mem_mb_max": "max", "step_time_max": "max", "hits": "sum"})
         wall = max(red["step_time_max"], 1e-9)
-        return {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+        task = {}
+        if self.engine.task.classification:  # every rank of a lift-parallel group counted its replica's hits
+            task["accuracy"] = red["hits"] / (self.layout.lift_parallel * max(window["samples"], 1))
+        return {"step": self.step, "loss": out["loss"], **task, "lr": out["lr"], "grad_norm": out["grad_norm"],
                 "samples_per_s": window["samples"] / wall, "edges_per_s": self.stats["edges"] * window["steps"] / wall,
                 "comm_bytes": int(red["comm_bytes"]), "comm_bytes_max_rank": int(red["comm_bytes_max"]),
                 "exchange_s_max": red["exchange_s_max"], "peak_mem_mb": red["peak_mem_mb_max"],
@@ -184,7 +210,7 @@ class Trainer:
         last: dict[str, Any] = {"step": self.step}
         try:
             if self.start_step == 0:  # the starting point of the curve
-                self.sink.log({"step": 0, "test_loss": self.evaluate()})
+                self.sink.log({"step": 0, **self.evaluate()})
             self.layout.set_timeout(cfg.parallel.timeout_s, self.net.comm.edge_groups.values())
             while self.step < t.steps:
                 out = self.train_step()
@@ -201,7 +227,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps or stop:
                     record = self._record(out, window)
                     if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
-                        record["test_loss"] = self.evaluate()
+                        record.update(self.evaluate())
                     self.sink.log(record)
                     last, window = record, {"t": 0.0, "samples": 0, "steps": 0}
                 if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == t.steps:
@@ -248,3 +274,8 @@ class Trainer:
         for k, v in s["per_edge"].items():
             self.sink.print(f"  edge {k}: {v['edges']:,} edges, mean in-degree {v['mean_in_degree']:.2f}, "
                             f"halo fraction {v['halo_fraction']:.3f}, exchange {v['exchange']}")
+        for e in self.base.edges:  # inputs' fibres have one vertex: their edges always take every pair
+            if self.lift.law != "full" and self.lift.all_pairs(e) and self.base.vertices[e.src].role != "input":
+                self.sink.print(f"randlift_dist: note: edge {e}: degree {self.lift.degrees[e.key]:g} >= the size "
+                                f"{self.lift.n(e.src)} of fibre {e.src!r}: every pair is an edge (this edge is "
+                                "fully connected; lift_stats.json: all_pairs)")

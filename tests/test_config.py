@@ -2,7 +2,8 @@
 
 import pytest
 
-from randlift_dist.config import Config, ConfigError, describe_fields, load_config, parse_override
+from randlift_dist.config import Config, ConfigError, describe_fields, load_config
+from randlift_dist.config_parse import parse_override
 
 
 def test_default_equals_configs_tiny():

@@ -140,7 +140,7 @@ def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
 
 def load_experiment(path: str | Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """`(experiment, training mapping, training overrides)` from the file and the overrides."""
-    from ..config import parse_override
+    from ..config_parse import parse_override
 
     src = Path(path)
     if not src.is_file():
