@@ -85,16 +85,26 @@ class ShardsConfig:
                        True)
 
 
-DATA_KINDS = ("teacher", "file", "npz", "mnist1d", "digits", "shards")
+@dataclass
+class RecallConfig:
+    n_train: int = doc("training sequences", 8000)
+    n_test: int = doc("test sequences", 2000)
+    pairs: int = doc("key-value pairs per sequence (length 2 * pairs + 1, the last token the query)", 4)
+    keys: int = doc("key ids [0, keys)", 8)
+    values: int = doc("value ids [keys, keys + values): the classes", 8)
+    seed: int = doc("seed of the generator", 0)
+
+
+DATA_KINDS = ("teacher", "file", "npz", "mnist1d", "digits", "shards", "recall")
 PATH_KINDS = ("file", "npz", "shards")
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["teacher", "file", "npz", "mnist1d", "digits", "shards"] = doc(
+    kind: Literal["teacher", "file", "npz", "mnist1d", "digits", "shards", "recall"] = doc(
         "the data: teacher (teacher-student task), npz (arrays in a .npz/.pt file; 'file' is the same), mnist1d "
         "(MNIST-1D, generated offline), digits (scikit-learn's 8x8 digits), shards (a directory of .npy shards "
-        "read lazily: data larger than memory)", "teacher")
+        "read lazily: data larger than memory), recall (associative recall sequences, generated)", "teacher")
     path: str | None = doc("data.kind=npz: the .npz/.pt file (arrays x [N, in_dim] and y: [N, out_dim] floats, or [N] "
                            "integer classes; optional x_test, y_test); data.kind=shards: the directory "
                            "(randlift_dist.data.write_shards)", None)
@@ -109,6 +119,7 @@ class DataConfig:
     mnist1d: Mnist1dConfig = doc("data.kind=mnist1d: the generator's arguments", factory=Mnist1dConfig)
     digits: DigitsConfig = doc("data.kind=digits: the split", factory=DigitsConfig)
     shards: ShardsConfig = doc("data.kind=shards: reading", factory=ShardsConfig)
+    recall: RecallConfig = doc("data.kind=recall: the generator (randlift_dist/data/recall.py)", factory=RecallConfig)
 
 
 @dataclass

@@ -28,10 +28,11 @@ ORDER = [
     "geometry", "graph_schema", "graph_builders", "graph", "lift", "launch_env", "layout", "partition", "plan", "comm",
     "model_vertices", "model_edges", "model", "parallelize", "rows",
     "config_parse", "config", "tasks", "planstats", "estimate",
-    "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
+    "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data.recall", "data", "data.__main__",
     "engine", "checkpoint", "warmstart", "metrics", "trainer", "train",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.figures", "experiments.cell", "experiments.convergence",
+    "experiments.seeds",
     "",  # the package itself: re-exports the public API
 ]
 
