@@ -12,7 +12,7 @@ fastest) and needs no communication:
   the positions (queries at the vertex's positions, keys and values at theirs: cross-attention
   when they differ), with Q, K, V the sums of the messages of the q, k and v in-edges (plus a bias per
   slot); causal: position p attends to positions <= p (row-major order of the positions).
-  Computed by `scaled_dot_product_attention` on `[n * B, P, d]` views.
+  Computed by `scaled_dot_product_attention` on `[n, B, P, d]` copies.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ def layer_norm(z: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, eps: fl
 
 
 def _heads(z: torch.Tensor, P: int) -> torch.Tensor:
-    """`[n, d, B * P] -> [n * B, P, d]` (one attention problem per member and sample)."""
+    """`[n, d, B * P] -> [n, B, P, d]` (one attention problem per member and sample). Four dims:
+    with three, torch's CPU attention takes its math path, which keeps the `[P, Pk]` probabilities
+    of every problem for the backward; with four it takes the flash path (the output and the
+    log-sum-exp only)."""
     n, d, cols = z.shape
-    return z.view(n, d, cols // P, P).permute(0, 2, 3, 1).reshape(n * (cols // P), P, d)
+    return z.view(n, d, cols // P, P).permute(0, 2, 3, 1).contiguous()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int, Pk: int, causal: bool) -> torch.Tensor:
@@ -42,4 +45,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int, Pk: int
     (P query and Pk key positions) -> `[n, d, B * P]`."""
     n, d, cols = q.shape
     out = F.scaled_dot_product_attention(_heads(q, P), _heads(k, Pk), _heads(v, Pk), is_causal=causal)
-    return out.view(n, cols // P, P, d).permute(0, 3, 1, 2).reshape(n, d, cols)
+    return out.permute(0, 3, 1, 2).reshape(n, d, cols)  # [n, B, P, d] -> [n, d, B * P]

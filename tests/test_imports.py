@@ -26,7 +26,7 @@ ORDER = [
     "ops.window", "ops.embed", "ops",
     # the stages
     "geometry", "graph_schema", "graph_builders", "graph", "lift", "launch_env", "layout", "partition", "plan", "comm",
-    "model_vertices", "model_edges", "model", "parallelize", "rows",
+    "model_vertices", "model_edges", "model", "parallelize", "activation_memory", "rows",
     "config_parse", "config", "tasks", "planstats", "estimate",
     "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data.recall", "data", "data.__main__",
     "engine", "checkpoint", "warmstart", "metrics", "trainer", "train",
