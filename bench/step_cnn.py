@@ -90,7 +90,7 @@ def run(name: str, args, step) -> None:
           f"Adam {to * 1e3:.0f} ms; aggregation (unfold + kernels) {(kf + kb) * 1e3:.0f} ms")
     print("    by kernel and block shape d_v x F (forward + backward): "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    del opt, net
+    opt = net = None  # free the lift before the dense step
     if args.no_dense:
         return
     taps = 3 ** len(positions)

@@ -46,16 +46,16 @@ def test_configs_build(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     base, lift = cfg.build_lift()
     net = LiftedNetwork(base, lift, out_dim=cfg.out_dim(base))
-    assert cfg.train.loss == "cross_entropy" and net.out_dim == (10 if name == "mnist1d_cnn" else 8)
+    assert cfg.train.loss == "cross_entropy" and net.out_dim == (10 if name == "mnist1d_cnn" else 32)
     if name == "attention_recall":
         from randlift_dist.data import build_dataset
 
         ds = build_dataset(cfg, base, net.out_dim)
-        assert ds.x_train.shape == (8000, base.in_dim) and ds.y_train.max() < 8
+        assert ds.x_train.shape == (8000, base.in_dim) and ds.y_train.max() < 32
         import torch
 
         out = net(ds.x_test[:3])
-        assert out.shape == (3, 8) and torch.isfinite(out).all()
+        assert out.shape == (3, 32) and torch.isfinite(out).all()
 
 
 @pytest.mark.timeout(300)
