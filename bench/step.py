@@ -1,7 +1,8 @@
 """One full training step (forward, backward, Adam) of a lift too big for the caches, timed.
 
-Run: `python bench/step.py` (both cases, a few minutes on 2 cores), or e.g.
-`python bench/step.py --cases d16 --size 4096 --repeats 3`.
+Run: `python bench/step.py` (the d16 and d1 cases, a few minutes on 2 cores), or e.g.
+`python bench/step.py --cases d16 --size 4096 --repeats 3`. The lifted-CNN cases against dense
+`Conv1d` / `Conv2d` steps of the same FLOPs: `--cases cnn1d,cnn2d` (`bench/step_cnn.py`).
 
 Cases (defaults): `d16`: residual MLP of width 16 (depth 4, 16 inputs, 1 output), lift size
 s = 8192, bernoulli degree 16: ~176M parameters; `d1`: an MLP of scalar vertices (depth 4), s =
@@ -113,7 +114,9 @@ import torch.nn.functional as F
 from hardware import choose_clock, hardware_line  # bench/hardware.py (the script's directory is on sys.path)
 import randlift_dist.ops.blocked as BK
 import randlift_dist.ops.kernels as K
+import randlift_dist.ops.window as WIN
 import randlift_dist.ops.workspace as W
+import step_cnn
 from randlift_dist import BaseGraph, LiftedNetwork, random_sparse_lift
 
 CLOCK = time.perf_counter
@@ -132,9 +135,9 @@ class KernelTimers:
         self.fwd = self.bwd = 0.0
         self.by_kind: dict[str, float] = {}  # "<function> d_v x d_u": forward + backward seconds
         self.saved = []
-        for name in dir(K):
-            cls = getattr(K, name)
-            if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ in (K.__name__, BK.__name__):
+        classes = {id(c): c for mod in (K, WIN) for c in vars(mod).values() if isinstance(c, type)}
+        for cls in classes.values():
+            if issubclass(cls, torch.autograd.Function) and cls.__module__ in (K.__name__, BK.__name__, WIN.__name__):
                 for attr in ("forward", "backward"):
                     orig = cls.__dict__[attr]
                     self.saved.append((cls, attr, orig))
@@ -332,7 +335,7 @@ def run_case(name: str, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="d16,d1", help="comma-separated: d16, d1")
+    p.add_argument("--cases", default="d16,d1", help="comma-separated: d16, d1, cnn1d, cnn2d")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=16, help="d16 case: vertex dimension")
     p.add_argument("--depth", type=int, default=4, help="hidden layers (both cases)")
@@ -352,6 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-floor", action="store_true")
+    step_cnn.add_arguments(p)
     args = p.parse_args(argv)
     global CLOCK
     CLOCK = choose_clock(args.clock, args.threads)
@@ -360,7 +364,10 @@ def main(argv=None) -> int:
     print(f"clock {args.clock}, torch threads {torch.get_num_threads()}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}, load average at start {os.getloadavg()[0]:.2f}")
     for name in args.cases.split(","):
-        run_case(name.strip(), args)
+        if name.strip() in ("cnn1d", "cnn2d"):
+            step_cnn.run(name.strip(), args, sys.modules[__name__])
+        else:
+            run_case(name.strip(), args)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     return 0
 

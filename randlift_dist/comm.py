@@ -65,7 +65,7 @@ class _CopyToLiftGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.clone()
+        g = g.clone(memory_format=torch.contiguous_format)  # one layout on every rank: gloo sums raw memory
         dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
         return g, None
 
@@ -73,7 +73,7 @@ class _CopyToLiftGroup(torch.autograd.Function):
 class _ReduceFromLiftGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # the partial sums may differ in layout by rank
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 

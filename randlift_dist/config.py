@@ -56,6 +56,11 @@ class ModelConfig:
         "lifted edges kept as index arrays (stored), or drawn again from the lift's seed chunk by chunk in every "
         "forward and backward (regenerate: no per-edge indices in memory, slower; for d = 1 lifts, where indices "
         "outweigh the parameters)", "stored")
+    init_from: str | None = doc(
+        "warm start: a checkpoint (or run) directory of a trained smaller lift of the same base (or the base network "
+        "itself); its weights are pulled back so the network computes the same function at step 0", None)
+    init_noise: float = doc("warm start: add this times the fresh initial edge weights (breaks the symmetry of copies)",
+                            0.0)
 
 
 @dataclass
@@ -80,16 +85,26 @@ class ShardsConfig:
                        True)
 
 
-DATA_KINDS = ("teacher", "file", "npz", "mnist1d", "digits", "shards")
+@dataclass
+class RecallConfig:
+    n_train: int = doc("training sequences", 8000)
+    n_test: int = doc("test sequences", 2000)
+    pairs: int = doc("key-value pairs per sequence (length 2 * pairs + 1, the last token the query)", 4)
+    keys: int = doc("key ids [0, keys)", 8)
+    values: int = doc("value ids [keys, keys + values): the classes", 8)
+    seed: int = doc("seed of the generator", 0)
+
+
+DATA_KINDS = ("teacher", "file", "npz", "mnist1d", "digits", "shards", "recall")
 PATH_KINDS = ("file", "npz", "shards")
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["teacher", "file", "npz", "mnist1d", "digits", "shards"] = doc(
+    kind: Literal["teacher", "file", "npz", "mnist1d", "digits", "shards", "recall"] = doc(
         "the data: teacher (teacher-student task), npz (arrays in a .npz/.pt file; 'file' is the same), mnist1d "
         "(MNIST-1D, generated offline), digits (scikit-learn's 8x8 digits), shards (a directory of .npy shards "
-        "read lazily: data larger than memory)", "teacher")
+        "read lazily: data larger than memory), recall (associative recall sequences, generated)", "teacher")
     path: str | None = doc("data.kind=npz: the .npz/.pt file (arrays x [N, in_dim] and y: [N, out_dim] floats, or [N] "
                            "integer classes; optional x_test, y_test); data.kind=shards: the directory "
                            "(randlift_dist.data.write_shards)", None)
@@ -104,6 +119,7 @@ class DataConfig:
     mnist1d: Mnist1dConfig = doc("data.kind=mnist1d: the generator's arguments", factory=Mnist1dConfig)
     digits: DigitsConfig = doc("data.kind=digits: the split", factory=DigitsConfig)
     shards: ShardsConfig = doc("data.kind=shards: reading", factory=ShardsConfig)
+    recall: RecallConfig = doc("data.kind=recall: the generator (randlift_dist/data/recall.py)", factory=RecallConfig)
 
 
 @dataclass
@@ -228,6 +244,11 @@ class Config:
         if self.model.topology == "regenerate" and self.model.impl != "auto":
             raise ConfigError(f"model.impl={self.model.impl} with model.topology=regenerate: the regenerated "
                               "topology has its own chunked kernel; set model.impl=auto (or model.topology=stored)")
+        if self.model.init_from is not None and not Path(self.model.init_from).is_dir():
+            raise ConfigError(f"model.init_from={self.model.init_from!r}: no such directory (give a checkpoint "
+                              "directory or the run directory of a trained smaller lift)")
+        if not self.model.init_noise >= 0:
+            raise ConfigError(f"model.init_noise={self.model.init_noise!r}: must be >= 0")
         if not 0 < self.parallel.allgather_threshold:
             raise ConfigError(f"parallel.allgather_threshold={self.parallel.allgather_threshold!r}: must be > 0")
         if self.train.resume not in ("auto", "none") and not Path(self.train.resume).exists():
@@ -260,7 +281,12 @@ class Config:
                               "teacher's labels are classes (the argmax of its outputs); set data.label_noise=0")
 
     def _check_base(self) -> None:
-        self.out_dim(self.build_lift()[0])
+        base = self.build_lift()[0]
+        self.out_dim(base)
+        if base.output_positions:
+            raise ConfigError(f"model.base: the output vertices {base.outputs} have positions "
+                              f"{base.output_positions}, but a task reads one vector per sample: end them with a "
+                              "mean, select or flatten edge")
 
     def out_dim(self, base: BaseGraph) -> int:
         """The readout width (`model.out_dim`, or the output vertices' common dimension)."""

@@ -1,16 +1,27 @@
-"""Base networks: the small DAG of vector-valued vertices that a lift enlarges.
+"""Base networks: the small DAG of vertices that a lift enlarges.
 
-A `BaseGraph` is the perceptron module of the random sparse lifts paper with the defaults
-used throughout the project: activation space `Y_v = R^{d_v}`, linear edge maps
-`M_e(w, y) = w @ y` with `w` of shape `[d_v, d_u]`, and additive vertex maps
-`y_v = act(sum_e z_e + b_v)`.
+A `BaseGraph` is a perceptron module of the random sparse lifts paper. A vertex's space is
+`R^{positions x d}` (`geometry.py`: `()` a vector, `(L,)` a signal or sequence, `(H, W)` an image);
+an edge's map is `linear` (`w @ y` at every position, `w` of shape `[d_v, d_u]`), `conv`, `pool`,
+`mean`, `select` or `flatten` (the last three map positions to a vector), each with one weight
+`[d_v, features]` (`geometry.edge_features`). Vertex maps: `sum` (default:
+`act(norm(sum_e z_e + b_v))`, `norm` none or a layer norm over the vertex's own d features at each
+position) or `attention` (three named in-edge slots q, k, v: `act(softmax(Q K^T / sqrt(d)) V)` over
+the positions, optionally causal). A norm or an attention over a whole fibre would couple the
+members of a fibre and break the locality of lifted vertices (and the paper's class of modules),
+so both act on one vertex's (one fibre member's) own features. Inputs hold floats, or token ids
+(`tokens: V`: the vertex is one-hot of width `dim = V`, so a linear edge out of it is a lookup
+into its `[d_v, V]` weight: an embedding).
 
-Invariants (checked by `validate`, which every constructor calls):
-- names are unique, every edge names known vertices, there is no duplicate edge and no cycle;
-- input vertices have no in-edges; every other vertex has at least one;
-- at least one input and one output; dimensions are positive integers;
+Invariants (checked when a graph is built):
+- names are unique, every edge names known vertices, there is no duplicate edge (edges are keyed by
+  `(src, dst)`, or `(src, dst, slot)` into an attention vertex) and no cycle;
+- input vertices have no in-edges; every other vertex has at least one (an attention vertex at
+  least one per slot); at least one input and one output; dims are positive integers;
+- positions are declared on inputs and derived along edges; all in-edges of a vertex agree (and
+  agree with positions declared on it); all output vertices have the same positions;
 - `order` lists the vertices in a topological order that keeps declaration order where it can,
-  and `edges` are sorted by (position of target, position of source) in that order.
+  and `edges` are sorted by (position of target, position of source, slot) in that order.
 """
 
 from __future__ import annotations
@@ -21,6 +32,11 @@ from typing import Any
 
 import torch
 
+from . import graph_builders as builders
+from .geometry import (NORMS, SLOTS, VERTEX_KINDS, WINDOW_KINDS, GraphError, Window, WindowSpec, edge_features,
+                       edge_positions, numel)
+from .graph_schema import Edge, Vertex, edge_key, edge_dict, parse_edge, parse_vertex, vertex_dict
+
 ACTIVATIONS = {
     "identity": lambda t: t,
     "relu": torch.relu,
@@ -29,37 +45,12 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
 }
 ROLES = ("input", "hidden", "output")
-
-
-class GraphError(ValueError):
-    """A base network description is invalid; the message names the value and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Vertex:
-    name: str
-    dim: int
-    role: str = "hidden"
-    activation: str = "identity"
-    bias: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Edge:
-    src: str
-    dst: str
-    degree: float | None = None  # per-edge average degree; overrides the lift's degree
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.src, self.dst)
-
-    def __str__(self) -> str:
-        return f"{self.src}->{self.dst}"
+_GROUPS = {None: "", "q": "q ", "kv": "k and v "}
+__all__ = ["ACTIVATIONS", "ROLES", "BaseGraph", "Edge", "GraphError", "Vertex", "Window", "edge_key"]
 
 
 class BaseGraph:
-    """A validated DAG of vertices with dimensions, roles and activations."""
+    """A validated DAG of vertices with dimensions, positions, roles and maps."""
 
     def __init__(self, vertices: Sequence[Vertex], edges: Sequence[Edge]):
         self.vertices: dict[str, Vertex] = {}
@@ -68,14 +59,11 @@ class BaseGraph:
                 raise GraphError(f"duplicate vertex name {v.name!r}: vertex names must be unique")
             self.vertices[v.name] = v
         self._check_vertices()
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, ...]] = set()
         for e in edges:
             for end in (e.src, e.dst):
                 if end not in self.vertices:
-                    raise GraphError(
-                        f"edge {e} names unknown vertex {end!r}; known vertices: "
-                        f"{sorted(self.vertices)}"
-                    )
+                    raise GraphError(f"edge {e} names unknown vertex {end!r}; known vertices: {sorted(self.vertices)}")
             if e.key in seen:
                 raise GraphError(f"duplicate edge {e}: list each edge once")
             if e.src == e.dst:
@@ -85,8 +73,11 @@ class BaseGraph:
             seen.add(e.key)
         self.order: list[str] = self._topological_order(edges)
         pos = {n: i for i, n in enumerate(self.order)}
-        self.edges: list[Edge] = sorted(edges, key=lambda e: (pos[e.dst], pos[e.src]))
+        self.edges: list[Edge] = sorted(edges, key=lambda e: (pos[e.dst], pos[e.src], SLOTS.index(e.slot) if e.slot else -1))
         self._check_roles()
+        self._resolved: dict[tuple[str, ...], Edge] = {}
+        self._kv_positions: dict[str, tuple[int, ...]] = {}  # attention vertices: positions of keys and values
+        self._positions = self._derive_positions()
 
     # ---------------------------------------------------------------- validation
     def _check_vertices(self) -> None:
@@ -96,10 +87,27 @@ class BaseGraph:
             if v.role not in ROLES:
                 raise GraphError(f"vertex {v.name!r} has role {v.role!r}: choose one of {ROLES}")
             if v.activation not in ACTIVATIONS:
-                raise GraphError(
-                    f"vertex {v.name!r} has unknown activation {v.activation!r}: "
-                    f"choose one of {sorted(ACTIVATIONS)}"
-                )
+                raise GraphError(f"vertex {v.name!r} has unknown activation {v.activation!r}: "
+                                 f"choose one of {sorted(ACTIVATIONS)}")
+            if v.kind not in VERTEX_KINDS:
+                raise GraphError(f"vertex {v.name!r} has kind {v.kind!r}: choose one of {VERTEX_KINDS}")
+            if v.norm not in NORMS:
+                raise GraphError(f"vertex {v.name!r} has norm {v.norm!r}: choose one of {NORMS}")
+            if v.norm == "layer" and v.dim < 2:
+                raise GraphError(f"vertex {v.name!r}: a layer norm over its {v.dim} feature is constant; give it "
+                                 "dim >= 2 or norm: none")
+            if v.kind == "attention" and v.norm != "none":
+                raise GraphError(f"attention vertex {v.name!r} has norm {v.norm!r}: put the norm on the vertex "
+                                 "its output feeds (norm: none here)")
+            if v.causal and v.kind != "attention":
+                raise GraphError(f"vertex {v.name!r} is causal but not an attention vertex: drop causal or set "
+                                 "kind: attention")
+            if v.tokens is not None and (v.role != "input" or v.tokens != v.dim):
+                raise GraphError(f"vertex {v.name!r} has tokens {v.tokens!r}: only an input vertex holds token ids, "
+                                 "and its dim is the number of tokens")
+            if v.role == "input" and (v.kind != "sum" or v.norm != "none" or v.bias or v.activation != "identity"):
+                raise GraphError(f"input vertex {v.name!r} has a vertex map (kind, norm, bias or activation): "
+                                 "inputs hold x as it is; put the map on a hidden vertex")
 
     def _topological_order(self, edges: Sequence[Edge]) -> list[str]:
         names = list(self.vertices)
@@ -121,19 +129,13 @@ class BaseGraph:
                     ready.append(m)
         if len(order) < len(names):
             cycle = self._find_cycle({n for n in names if indeg[n] > 0}, succ)
-            raise GraphError(
-                "the base network has a cycle " + " -> ".join(cycle) + ": remove one of its edges"
-            )
+            raise GraphError("the base network has a cycle " + " -> ".join(cycle) + ": remove one of its edges")
         return order
 
     @staticmethod
     def _find_cycle(nodes: set[str], succ: dict[str, list[str]]) -> list[str]:
-        """A cycle among `nodes`, the vertices Kahn's algorithm could not order.
-
-        Each of them has an in-edge from another of them (else it would have been ordered), but
-        not necessarily an out-edge (a vertex downstream of a cycle), so walk backwards along
-        in-edges until a vertex repeats, then read the loop forwards.
-        """
+        """A cycle among `nodes`, the vertices Kahn's algorithm could not order: each has an in-edge
+        from another of them, so walk backwards until a vertex repeats, then read the loop forwards."""
         pred: dict[str, list[str]] = {n: [] for n in nodes}
         for u in sorted(nodes):
             for m in succ[u]:
@@ -155,32 +157,125 @@ class BaseGraph:
         for v in self.vertices.values():
             n_in = len(self.in_edges(v.name))
             if v.role == "input" and n_in:
-                raise GraphError(
-                    f"input vertex {v.name!r} has in-edges {[str(e) for e in self.in_edges(v.name)]}: "
-                    "inputs take no edges; make it a hidden vertex or drop those edges"
-                )
+                raise GraphError(f"input vertex {v.name!r} has in-edges {[str(e) for e in self.in_edges(v.name)]}: "
+                                 "inputs take no edges; make it a hidden vertex or drop those edges")
             if v.role != "input" and not n_in:
-                raise GraphError(
-                    f"vertex {v.name!r} has no in-edges: give it an in-edge or declare role: input"
-                )
+                raise GraphError(f"vertex {v.name!r} has no in-edges: give it an in-edge or declare role: input")
         if not self.inputs:
             raise GraphError("the base network has no input vertex: declare one with role: input")
         if not self.outputs:
             raise GraphError("the base network has no output vertex: declare one with role: output")
 
+    def _derive_positions(self) -> dict[str, tuple[int, ...]]:
+        """Positions of every vertex, along the edges in topological order; checks edge kinds and slots."""
+        out: dict[str, tuple[int, ...]] = {}
+        for name in self.order:
+            v = self.vertices[name]
+            if v.role == "input":
+                out[name] = v.positions or ()
+                continue
+            got: dict[str | None, dict[tuple[int, ...], str]] = {}  # per group of slots: positions -> an edge
+            for e in self.in_edges(name):
+                e = self._resolve(e, out[e.src])
+                self._check_edge(e, v)
+                group = "kv" if e.slot in ("k", "v") else e.slot  # keys and values share their positions
+                got.setdefault(group, {}).setdefault(
+                    edge_positions(e.kind, e.window, e.index, out[e.src], f"edge {e}"), str(e))
+            for group, ps in got.items():
+                if len(ps) > 1:
+                    raise GraphError(f"vertex {name!r}: its {_GROUPS[group]}in-edges give "
+                                     "different positions " + ", ".join(f"{p or '()'} ({e})" for p, e in ps.items())
+                                     + ": make them agree (kernel, stride, padding, or a mean/select/flatten edge)")
+            if v.kind == "attention":
+                missing = [s for s in SLOTS if not any(e.slot == s for e in self.in_edges(name))]
+                if missing:
+                    raise GraphError(f"attention vertex {name!r} has no in-edge for slot(s) {missing}: give it edges "
+                                     "{src: u, dst: " + name + ", slot: q} (and k, v)")
+                (p,), (kv,) = got["q"], got["kv"]
+                if not p or not kv:
+                    raise GraphError(f"attention vertex {name!r} has no positions: attention runs over positions "
+                                     "(tokens); feed it from vertices with positions")
+                if v.causal and numel(p) != numel(kv):
+                    raise GraphError(f"causal attention vertex {name!r} has {numel(p)} query and {numel(kv)} key "
+                                     "positions: a causal mask needs as many of each (or set causal: false)")
+                self._kv_positions[name] = kv
+            else:
+                (p,) = got[None]
+            if v.positions is not None and v.positions != p:
+                raise GraphError(f"vertex {name!r} declares positions {v.positions or '()'} but its in-edges give "
+                                 f"{p or '()'}: fix the declaration or the edges")
+            out[name] = p
+        self.edges = [self._resolved.get(e.key, e) for e in self.edges]
+        outs = {out[t] for t in self.outputs}
+        if len(outs) > 1:
+            raise GraphError(f"output vertices have different positions {sorted(outs)}: the readout needs one shape; "
+                             "end them with the same edges (e.g. a mean or flatten edge to vectors)")
+        return out
+
+    def _resolve(self, e: Edge, src_pos: tuple[int, ...]) -> Edge:
+        """`e` with its window resolved against its source's positions (kept in `_resolved`)."""
+        if isinstance(e.window, WindowSpec):
+            e = dataclasses.replace(e, window=e.window.resolve(f"edge {e}", len(src_pos)))
+            self._resolved[e.key] = e
+        if e.kind == "pool" and e.pool == "avg" and any(d != 1 for d in e.window.dilation):
+            raise GraphError(f"edge {e}: average pooling takes no dilation; drop it or use pool: max")
+        if e.kind in WINDOW_KINDS and not isinstance(e.window, Window):
+            raise GraphError(f"edge {e} ({e.kind}) needs a window: e.g. kernel: 3")
+        return e
+
+    def _check_edge(self, e: Edge, dst: Vertex) -> None:
+        src = self.vertices[e.src]
+        if dst.kind == "attention" and e.slot is None:
+            raise GraphError(f"edge {e} goes into attention vertex {dst.name!r} without a slot: "
+                             "give it slot: q, k or v")
+        if dst.kind != "attention" and e.slot is not None:
+            raise GraphError(f"edge {e} has slot {e.slot!r} but {dst.name!r} is not an attention vertex: "
+                             "drop the slot or set kind: attention on it")
+        if src.tokens is not None and e.kind != "linear":
+            raise GraphError(f"edge {e} out of token input {src.name!r} is {e.kind}: edges out of token ids "
+                             "are linear (embeddings); add a hidden vertex before the " + e.kind)
+
     # ---------------------------------------------------------------- queries
     @property
     def inputs(self) -> list[str]:
-        """Input vertices in declaration order (the order of the columns of `x`)."""
+        """Input vertices in declaration order (the order of the column blocks of `x`)."""
         return [n for n, v in self.vertices.items() if v.role == "input"]
 
     @property
     def outputs(self) -> list[str]:
         return [n for n, v in self.vertices.items() if v.role == "output"]
 
+    def positions(self, name: str) -> tuple[int, ...]:
+        """The positions of vertex `name` (`()` for a vector)."""
+        return self._positions[name]
+
+    def key_positions(self, name: str) -> tuple[int, ...]:
+        """Positions of the keys and values of attention vertex `name` (its own are the queries')."""
+        return self._kv_positions[name]
+
+    def input_width(self, name: str) -> int:
+        """Columns of `x` for input `name`: `prod(positions) * dim`, position-major (`[*P, d]`);
+        one column per position (the token id) for a token input."""
+        v = self.vertices[name]
+        return numel(self.positions(name)) * (1 if v.tokens is not None else v.dim)
+
     @property
     def in_dim(self) -> int:
-        return sum(self.vertices[n].dim for n in self.inputs)
+        return sum(self.input_width(n) for n in self.inputs)
+
+    @property
+    def output_positions(self) -> tuple[int, ...]:
+        """Positions of the output vertices (the network returns `[B, *positions, out_dim]`)."""
+        return self.positions(self.outputs[0])
+
+    def edge_features(self, e: Edge | tuple[str, ...] | str) -> int:
+        """Input features of one lifted edge over `e` per target position (its weight is `[d_v, this]`)."""
+        e = self.edge(e)
+        return edge_features(e.kind, e.window, self.positions(e.src), self.dim(e.src))
+
+    def fan_in_features(self, e: Edge) -> int:
+        """Non-zero input features of one lifted edge (a token input is one-hot: 1)."""
+        return 1 if self.vertices[e.src].tokens is not None else self.edge_features(e)
 
     def readout_dim(self, out_dim: int | None = None) -> int:
         """The readout width: `out_dim`, or the output vertices' dimension when they agree."""
@@ -196,65 +291,45 @@ class BaseGraph:
     def in_edges(self, name: str) -> list[Edge]:
         return [e for e in self.edges if e.dst == name]
 
-    def edge(self, key: tuple[str, str] | str | Edge) -> Edge:
+    def edge(self, key: tuple[str, ...] | str | Edge) -> Edge:
         key = edge_key(key)
         for e in self.edges:
             if e.key == key:
                 return e
-        raise GraphError(f"no edge {key[0]}->{key[1]} in the base network; edges: {[str(e) for e in self.edges]}")
+        raise GraphError(f"no edge {'->'.join(key[:2])}{':' + key[2] if len(key) > 2 else ''} in the base network; "
+                         f"edges: {[str(e) for e in self.edges]}")
 
-    def edge_id(self, key: tuple[str, str] | str | Edge) -> int:
+    def edge_id(self, key: tuple[str, ...] | str | Edge) -> int:
         return self.edges.index(self.edge(key))
 
     def dim(self, name: str) -> int:
         return self.vertices[name].dim
 
     def to_dict(self) -> dict[str, Any]:
-        vs = []
-        for v in self.vertices.values():
-            d: dict[str, Any] = {"name": v.name, "dim": v.dim, "role": v.role}
-            if v.activation != "identity":
-                d["activation"] = v.activation
-            if v.bias:
-                d["bias"] = True
-            vs.append(d)
-        es: list[Any] = [
-            [e.src, e.dst] if e.degree is None else {"src": e.src, "dst": e.dst, "degree": e.degree}
-            for e in self.edges
-        ]
-        return {"vertices": vs, "edges": es}
+        """The mapping form; keys at their defaults are left out (so plain graphs keep their old form)."""
+        return {"vertices": [vertex_dict(v) for v in self.vertices.values()], "edges": [edge_dict(e) for e in self.edges]}
 
     def __repr__(self) -> str:
         return f"BaseGraph({len(self.vertices)} vertices, edges {[str(e) for e in self.edges]})"
 
-    # ---------------------------------------------------------------- builders
+    # ---------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "BaseGraph":
-        """Build from a mapping `{vertices: [...], edges: [...]}` (the YAML form of the README).
-
-        A builder form is accepted too: `{builder: mlp, in_dim: 3, hidden_dims: [8, 8], out_dim: 1,
-        activation: tanh}` or `{builder: residual_mlp, ...}`.
-        """
+        """Build from a mapping `{vertices: [...], edges: [...]}` (the YAML form of the README), or
+        from a builder form `{builder: mlp | residual_mlp | cnn1d | cnn2d | transformer, ...}`."""
         if not isinstance(spec, Mapping):
             raise GraphError(f"a base network must be a mapping with 'vertices' and 'edges', got {type(spec).__name__}")
         if "builder" in spec:
             kw = dict(spec)
-            name = kw.pop("builder")
-            builders = {"mlp": cls.mlp, "residual_mlp": cls.residual_mlp}
-            if name not in builders:
-                raise GraphError(f"unknown builder {name!r}: choose one of {sorted(builders)}")
-            try:
-                return builders[name](**kw)
-            except TypeError as err:
-                raise GraphError(f"builder {name!r}: {err}") from None
+            return cls.from_dict(builders.build(kw.pop("builder"), kw))
         unknown = set(spec) - {"vertices", "edges"}
         if unknown:
             raise GraphError(f"unknown keys {sorted(unknown)} in base network: expected 'vertices' and 'edges'")
         for key in ("vertices", "edges"):
             if key not in spec or not isinstance(spec[key], Sequence) or isinstance(spec[key], str):
                 raise GraphError(f"base network needs a list under {key!r}")
-        vertices = [_parse_vertex(i, v) for i, v in enumerate(spec["vertices"])]
-        edges = [_parse_edge(i, e) for i, e in enumerate(spec["edges"])]
+        vertices = [parse_vertex(i, v) for i, v in enumerate(spec["vertices"])]
+        edges = [parse_edge(i, e) for i, e in enumerate(spec["edges"])]
         return cls(vertices, edges)
 
     @classmethod
@@ -268,78 +343,27 @@ class BaseGraph:
     def mlp(cls, in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: str = "relu",
             bias: bool = False) -> "BaseGraph":
         """A chain x -> h1 -> ... -> hL -> y, one vertex per layer."""
-        dims = list(hidden_dims)
-        vs = [Vertex("x", in_dim, "input")]
-        vs += [Vertex(f"h{i + 1}", d, "hidden", activation, bias) for i, d in enumerate(dims)]
-        vs.append(Vertex("y", out_dim, "output"))
-        names = [v.name for v in vs]
-        return cls(vs, [Edge(a, b) for a, b in zip(names, names[1:])])
+        return cls.from_dict(builders.mlp(in_dim, hidden_dims, out_dim, activation, bias))
 
     @classmethod
-    def residual_mlp(cls, in_dim: int, width: int, depth: int, out_dim: int,
-                     activation: str = "relu", bias: bool = False) -> "BaseGraph":
+    def residual_mlp(cls, in_dim: int, width: int, depth: int, out_dim: int, activation: str = "relu",
+                     bias: bool = False) -> "BaseGraph":
         """x -> h1 -> ... -> h_depth -> y with skip edges h_i -> h_{i+2} (and x -> h2)."""
-        if not isinstance(depth, int) or depth < 1:
-            raise GraphError(f"residual_mlp depth {depth!r}: must be an integer >= 1")
-        vs = [Vertex("x", in_dim, "input")]
-        vs += [Vertex(f"h{i + 1}", width, "hidden", activation, bias) for i in range(depth)]
-        vs.append(Vertex("y", out_dim, "output"))
-        names = [v.name for v in vs]
-        edges = [Edge(a, b) for a, b in zip(names, names[1:])]
-        edges += [Edge(names[i], names[i + 2]) for i in range(0, len(names) - 2)]
-        return cls(vs, edges)
+        return cls.from_dict(builders.residual_mlp(in_dim, width, depth, out_dim, activation, bias))
+
+    @classmethod
+    def cnn1d(cls, length: int, channels: int, dims: Sequence[int], out_dim: int, **kw) -> "BaseGraph":
+        """A 1-d CNN on `[length, channels]` signals (see `graph_builders.cnn`)."""
+        return cls.from_dict(builders.cnn([length], channels, dims, out_dim, **kw))
+
+    @classmethod
+    def cnn2d(cls, shape: Sequence[int], channels: int, dims: Sequence[int], out_dim: int, **kw) -> "BaseGraph":
+        """A 2-d CNN on `[H, W, channels]` images (see `graph_builders.cnn`)."""
+        return cls.from_dict(builders.cnn(list(shape), channels, dims, out_dim, **kw))
+
+    @classmethod
+    def transformer(cls, seq_len: int, width: int, head_dim: int, out_dim: int, **kw) -> "BaseGraph":
+        """Transformer-like blocks (attention, MLP, residual edges, layer norms; `graph_builders.transformer`)."""
+        return cls.from_dict(builders.transformer(seq_len, width, head_dim, out_dim, **kw))
 
 
-def edge_key(key: tuple[str, str] | str | Edge) -> tuple[str, str]:
-    """Normalise an edge reference: an `Edge`, a pair `(u, v)` or the string `"u->v"`."""
-    if isinstance(key, Edge):
-        return key.key
-    if isinstance(key, str):
-        if "->" not in key:
-            raise GraphError(f"edge reference {key!r}: write it as 'u->v' or as a pair (u, v)")
-        u, v = key.split("->", 1)
-        return (u.strip(), v.strip())
-    if isinstance(key, Sequence) and len(key) == 2:
-        return (str(key[0]), str(key[1]))
-    raise GraphError(f"edge reference {key!r}: write it as 'u->v' or as a pair (u, v)")
-
-
-def _parse_vertex(i: int, v: Any) -> Vertex:
-    if not isinstance(v, Mapping):
-        raise GraphError(f"vertices[{i}] = {v!r}: each vertex is a mapping like {{name: h, dim: 8}}")
-    unknown = set(v) - {"name", "dim", "role", "activation", "bias"}
-    if unknown:
-        raise GraphError(f"vertices[{i}] has unknown keys {sorted(unknown)}: allowed are name, dim, role, activation, bias")
-    if "name" not in v or "dim" not in v:
-        raise GraphError(f"vertices[{i}] = {dict(v)!r} needs both 'name' and 'dim'")
-    bias = v.get("bias", False)
-    if not isinstance(bias, bool):
-        raise GraphError(f"vertex {v['name']!r} has bias {bias!r}: use true or false")
-    return Vertex(str(v["name"]), v["dim"], v.get("role", "hidden"), v.get("activation", "identity"), bias)
-
-
-def _parse_edge(i: int, e: Any) -> Edge:
-    if isinstance(e, Mapping):
-        unknown = set(e) - {"src", "dst", "degree"}
-        if unknown or "src" not in e or "dst" not in e:
-            raise GraphError(f"edges[{i}] = {dict(e)!r}: an edge mapping has keys src, dst and optional degree")
-        return Edge(str(e["src"]), str(e["dst"]), _degree(i, e.get("degree")))
-    if isinstance(e, str):
-        u, v = edge_key(e)
-        return Edge(u, v)
-    if isinstance(e, Sequence) and len(e) in (2, 3):
-        deg = None
-        if len(e) == 3:
-            if not isinstance(e[2], Mapping) or set(e[2]) - {"degree"}:
-                raise GraphError(f"edges[{i}] = {list(e)!r}: the third item must be {{degree: k}}")
-            deg = _degree(i, e[2].get("degree"))
-        return Edge(str(e[0]), str(e[1]), deg)
-    raise GraphError(f"edges[{i}] = {e!r}: write an edge as [u, v], 'u->v' or {{src: u, dst: v, degree: k}}")
-
-
-def _degree(i: int, d: Any) -> float | None:
-    if d is None:
-        return None
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0:
-        raise GraphError(f"edges[{i}] has degree {d!r}: a degree must be a number > 0")
-    return d

@@ -175,7 +175,7 @@ class Lift:
             "base": self.base.to_dict(),
             "sizes": dict(self.sizes),
             "law": self.law,
-            "degrees": {f"{u}->{v}": d for (u, v), d in self.degrees.items()},
+            "degrees": {_key_str(k): d for k, d in self.degrees.items()},
             "seed": self.seed,
             "block_size": self.block_size,
         }
@@ -187,7 +187,12 @@ class Lift:
 
     def __repr__(self) -> str:
         return (f"Lift(law={self.law}, sizes={dict(self.sizes)}, seed={self.seed}, "
-                f"degrees={{{', '.join(f'{u}->{v}: {d:g}' for (u, v), d in self.degrees.items())}}})")
+                f"degrees={{{', '.join(f'{_key_str(k)}: {d:g}' for k, d in self.degrees.items())}}})")
+
+
+def _key_str(key: tuple[str, ...]) -> str:
+    """'u->v' (or 'u->v:slot' for an edge into an attention vertex), as `str(Edge)`."""
+    return f"{key[0]}->{key[1]}" + (f":{key[2]}" if len(key) > 2 else "")
 
 
 def _draw_sources(rng: np.random.Generator, n_u: int, deg: np.ndarray, all_sources: bool

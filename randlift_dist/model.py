@@ -1,12 +1,21 @@
 """`LiftedNetwork`: the lifted module of a base network, as an `nn.Module` (one shard per rank).
 
 What a lifted vertex computes: for each base in-edge `e = (u, v)` of `v = pi(j)`,
-`z_e(j) = sum over lifted edges (i -> j) over e of W_ij @ y_i`, then `y_j = act_v(sum_e z_e(j) + b_j)`.
-Input fibres hold the input `x_v` on every vertex. The output is the linear readout
-`f(x) = c * sum_{t in pi^-1(T)} A_t y_t`.
+`z_e(j) = sum over lifted edges (i -> j) over e of M_e(W_ij, y_i)` (`model_edges.py`: linear at
+every position, conv, pooling, mean, select, flatten, embeddings), then the vertex map
+(`model_vertices.py`): `y_j = act_v(norm_v(sum_e z_e(j) + b_j))`, or attention over the q, k, v
+sums. Input fibres hold the input `x_v` on every vertex. The output is the linear readout
+`f(x) = c * sum_{t in pi^-1(T)} A_t y_t`, at every position of the output vertices.
 
-Parameters are flat per base edge (`[m_e, d_v, d_u]`), per vertex (`[n_v, d_v]` biases) and per
-output vertex (`[n_t, out_dim, d_t]` readout rows); they hold the rows this rank owns. Built from
+Shapes: activations `[n_v_own, d_v, B * P_v]` (P_v = prod(positions), position fastest: a member's
+rows stay contiguous, so the exchange sends whole members); `x` is `[B, in_dim]`, each input's
+columns position-major (`[B, *P, d]` flattened; a token input: one column of ids per position);
+the output is `[B, *P_out, out_dim]` (`[B, out_dim]` for vector outputs).
+
+Parameters are flat per base edge (`[m_e, d_v, F_e]`, F_e the edge's features: `d_u`, or
+`d_u * taps` for conv, `d_u * P_u` for flatten, V for token inputs), per vertex (`[n_v, d_v]`
+biases, `[n_v, 3, d_v]` for attention's q/k/v; `[n_v, d_v]` norm gains and shifts) and per output
+vertex (`[n_t, out_dim, d_t]` readout rows); they hold the rows this rank owns. Built from
 `(base, lift, plan)`: with no plan the module owns everything (one process, the plain lifted
 network); with a `ShardPlan` (`plan.py`) and a `Communicator` (`comm.py`) the same code runs one
 shard, and the readout's partial sums are summed over the lift-parallel group so every rank
@@ -16,129 +25,30 @@ Initial values are drawn block-wise from counter-based streams keyed by
 `(seed, stream, base edge or vertex, block)`, so they do not depend on how the lift is sharded.
 A block's edge weights are drawn for all its edges in the sampled `(dst, src)` order (only the
 in-degrees are needed to know how many), then restricted to this rank's targets and put in the
-plan's parameter order.
+plan's parameter order. Edge weights have std `1/sqrt(expected fan-in)` of the pre-activation they
+feed (per attention slot; a conv edge counts `d_u * taps` inputs, a token input 1).
 """
 
 from __future__ import annotations
 
-import collections
 import math
-import os
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .comm import Communicator, HaloExchange, copy_to_lift_group, reduce_from_lift_group
+from .comm import Communicator, copy_to_lift_group, reduce_from_lift_group
+from .geometry import numel
 from .graph import ACTIVATIONS, BaseGraph, Edge, GraphError, edge_key
 from .lift import STREAM_READOUT, STREAM_WEIGHTS, Lift, block_rng
-from .ops import CSR, IMPLS, aggregate, regenerated_aggregate
-from .ops.workspace import DRAW_AHEAD
-from .plan import EdgePlan, ShardPlan, build_plan
+from .model_edges import EdgeLayer, EdgeMap
+from .model_vertices import attention, layer_norm
+from .ops import IMPLS
+from .plan import ShardPlan, build_plan
 
 READOUT_SCALES = ("sum", "mean", "sqrt")
 READOUT_INITS = ("zero", "normal")
-
-
-class BlockChunks:
-    """The edges of one regenerated base edge, for `ops.regenerated_aggregate`: runs of
-    consecutive sampling blocks, drawn again from the lift's streams on every call (see
-    `plan.BlockTopology`); nothing per edge is kept between calls."""
-
-    def __init__(self, plan: ShardPlan, key: tuple[str, str]):
-        ep = plan.edges[key]
-        self.plan, self.key, self.n_rows = plan, key, ep.n_rows
-        self.edge_ptr, self.row_ptr = ep.blocks.edge_ptr, ep.blocks.row_ptr
-
-    def chunks(self, max_edges: int, prepare):
-        """Yield `prepare(r0, r1, e0, e1, row, col)` per run of blocks (see `ops/regen.py`). The
-        next `DRAW_AHEAD` runs are drawn and prepared on helper threads while the caller computes
-        on this one (numpy's generators and sorts release the GIL)."""
-        ptr, nb = self.edge_ptr, self.edge_ptr.size - 1
-        spans, i0 = [], 0
-        while i0 < nb:  # as many whole blocks as fit in max_edges, at least one
-            i1 = max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + max_edges, side="right")) - 1)
-            spans.append((i0, i1))
-            i0 = i1
-
-        def make(i0: int, i1: int):
-            row, col = self.plan.block_edges(self.key, i0, i1)
-            return prepare(int(self.row_ptr[i0]), int(self.row_ptr[i1]), int(ptr[i0]), int(ptr[i1]), row, col)
-
-        if len(spans) == 1:
-            yield make(*spans[0])
-            return
-        pool, ahead = _drawing_pool(), collections.deque()
-        for j, span in enumerate(spans):
-            while len(ahead) < DRAW_AHEAD and j + len(ahead) < len(spans):
-                ahead.append(pool.submit(make, *spans[j + len(ahead)]))
-            yield ahead.popleft().result()
-
-
-_POOL: dict = {}
-
-
-def _drawing_pool():
-    """The threads that draw the next runs of blocks of a regenerated edge, one pool per process
-    (keyed by pid: a forked child gets its own, the parent's threads do not exist there)."""
-    pid = os.getpid()
-    if pid not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.clear()
-        _POOL[pid] = ThreadPoolExecutor(max_workers=DRAW_AHEAD, thread_name_prefix="randlift-draw")
-    return _POOL[pid]
-
-
-class EdgeLayer(nn.Module):
-    """The lifted edges over one base edge that end at this rank's vertices.
-
-    Stored topology: parameter rows are ordered: edges whose source is on this rank first (sorted
-    by target, then source), then edges whose source is remote (same order). `csr_local` indexes
-    the source rows held here, `csr_remote` the rows delivered by `exchange`, and the local part
-    is computed while the remote rows are in flight. Regenerated topology (`plan.BlockTopology`):
-    rows in the sampled order, no index arrays; the halo is received first and the edges are
-    drawn again chunk by chunk over `[own rows | received rows]`.
-    """
-
-    def __init__(self, weight: torch.Tensor, ep: EdgePlan, exchange: HaloExchange | None, impl: str,
-                 plan: ShardPlan | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.key, self.n_local, self.impl = ep.key, ep.n_local, impl
-        self.exchange = exchange
-        self.csr_local = self.csr_remote = self.blocks = None
-        if ep.regenerated:
-            self.blocks = BlockChunks(plan, ep.key)
-            return
-        self.csr_local = CSR(torch.from_numpy(ep.row_local), torch.from_numpy(ep.col_local), ep.n_rows,
-                             ep.n_cols_local)
-        if ep.exchange is not None:
-            self.csr_remote = CSR(torch.from_numpy(ep.row_remote), torch.from_numpy(ep.col_remote), ep.n_rows,
-                                  ep.n_cols_remote)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        dev = self.weight.device
-        if self.csr_local is not None:
-            self.csr_local = self.csr_local.to(dev)
-        if self.csr_remote is not None:
-            self.csr_remote = self.csr_remote.to(dev)
-        return self
-
-    def forward(self, y_src: torch.Tensor) -> torch.Tensor:  # [n_u_own, d_u, B] -> [n_v_own, d_v, B]
-        w = self.weight
-        if self.blocks is not None:
-            if self.exchange is not None:
-                y_src = torch.cat([y_src, self.exchange.finish(self.exchange.start(y_src))])
-            return regenerated_aggregate(y_src, w, self.blocks)
-        if self.exchange is None:
-            return aggregate(y_src, w, self.csr_local, self.impl)
-        started = self.exchange.start(y_src)  # remote rows in flight while local edges compute
-        z = aggregate(y_src, w[: self.n_local], self.csr_local, self.impl)
-        halo = self.exchange.finish(started)  # [n_halo, d_u, B]
-        return z + aggregate(halo, w[self.n_local:], self.csr_remote, self.impl)
 
 
 class LiftedNetwork(nn.Module):
@@ -198,41 +108,54 @@ class LiftedNetwork(nn.Module):
         self._eid = {e.key: i for i, e in enumerate(base.edges)}
         self.edges = nn.ModuleList(self._build_edge(e, dtype) for e in base.edges)
         self.biases = nn.ParameterDict({
-            f"v{self._vid[v]}": nn.Parameter(torch.zeros(plan.n_own(v), base.dim(v), dtype=dtype))
+            f"v{self._vid[v]}": nn.Parameter(torch.zeros(plan.n_own(v), *self._bias_shape(v), dtype=dtype))
             for v in base.order if base.vertices[v].bias
         })
         self.readouts = nn.ParameterDict({
             f"v{self._vid[t]}": nn.Parameter(self._init_readout(t, dtype)) for t in base.outputs
         })
+        normed = [v for v in base.order if base.vertices[v].norm == "layer"]
+        self.norm_gains = nn.ParameterDict({
+            f"v{self._vid[v]}": nn.Parameter(torch.ones(plan.n_own(v), base.dim(v), dtype=dtype)) for v in normed})
+        self.norm_shifts = nn.ParameterDict({
+            f"v{self._vid[v]}": nn.Parameter(torch.zeros(plan.n_own(v), base.dim(v), dtype=dtype)) for v in normed})
         for p in self.parameters():
             p.model_parallel = plan.world_size > 1  # sharded over the lift-parallel group
 
     # ------------------------------------------------------------ construction
-    def _scale(self, v: str) -> float:
+    def _bias_shape(self, v: str) -> tuple[int, ...]:
+        d = self.base.dim(v)
+        return (3, d) if self.base.vertices[v].kind == "attention" else (d,)
+
+    def _scale(self, e: Edge) -> float:
+        """Std of the initial weights of edge e: 1/sqrt(expected fan-in of the pre-activation it
+        feeds: the in-edges of its target, or of its attention slot)."""
         if self.weight_scale is not None:
             return float(self.weight_scale)
-        return 1.0 / math.sqrt(max(self.lift.expected_fan_in(v), 1e-12))
+        group = [f for f in self.base.in_edges(e.dst) if f.slot == e.slot]
+        fan_in = sum(self.lift.in_degree_of(f) * self.base.fan_in_features(f) for f in group)
+        return 1.0 / math.sqrt(max(fan_in, 1e-12))
 
     def _build_edge(self, e: Edge, dtype: torch.dtype) -> EdgeLayer:
         ep = self.plan.edges[e.key]
-        w = torch.from_numpy(self._init_weights(e)).to(dtype)  # [m, d_v, d_u], sampled order
+        w = torch.from_numpy(self._init_weights(e)).to(dtype)  # [m, d_v, F], sampled order
         if ep.local_first is not None:  # the plan's order: local-source edges first
             order = np.concatenate([np.flatnonzero(ep.local_first), np.flatnonzero(~ep.local_first)])
             w.copy_(w[torch.from_numpy(order)])
             del order
         ex = None if ep.exchange is None else self.comm.halo_exchange(e.key, ep.exchange)
-        return EdgeLayer(w, ep, ex, self.impl, self.plan)
+        return EdgeLayer(w, ep, ex, self.impl, self.plan, EdgeMap.of(self.base, e))
 
     def _init_weights(self, e: Edge) -> np.ndarray:
         """Initial weights of this rank's edges over `e` in the sampled order: block by block,
         all of a block's edges drawn (its in-degrees say how many), those of own targets kept."""
         lift, plan = self.lift, self.plan
-        d_v, d_u = self.base.dim(e.dst), self.base.dim(e.src)
-        out = np.empty((plan.edges[e.key].n_edges, d_v, d_u), dtype=np.float32)
+        d_v, f = self.base.dim(e.dst), self.base.edge_features(e)
+        out = np.empty((plan.edges[e.key].n_edges, d_v, f), dtype=np.float32)
         at = 0
         for b in plan.target_blocks(e.dst).tolist():
             deg = lift.block_degrees(e, b)
-            w = block_rng(self.seed, STREAM_WEIGHTS, str(e), b).standard_normal((int(deg.sum()), d_v, d_u),
+            w = block_rng(self.seed, STREAM_WEIGHTS, str(e), b).standard_normal((int(deg.sum()), d_v, f),
                                                                                  dtype=np.float32)
             keep = plan.block_keep(e.dst, b, deg.size)
             if keep is not None:
@@ -241,7 +164,7 @@ class LiftedNetwork(nn.Module):
             at += w.shape[0]
         if at != out.shape[0]:
             raise RuntimeError(f"edge {e}: drew {at} weights for {out.shape[0]} planned edges")
-        out *= self._scale(e.dst)
+        out *= self._scale(e)
         return out
 
     def _init_readout(self, t: str, dtype: torch.dtype) -> torch.Tensor:
@@ -268,19 +191,28 @@ class LiftedNetwork(nn.Module):
         return torch.from_numpy(src), torch.from_numpy(dst)
 
     def edge_weight(self, e) -> torch.Tensor:
-        """`[m, d_v, d_u]` weights aligned with `edge_index(e)` (the parameter itself)."""
+        """`[m, d_v, F]` weights aligned with `edge_index(e)` (the parameter itself)."""
         return self.edge_layer(e).weight
 
     def bias(self, v: str) -> torch.Tensor | None:
-        """`[n_v, d_v]` biases of fibre v (this rank's rows), or None if v has no bias."""
+        """`[n_v, d_v]` biases of fibre v (`[n_v, 3, d_v]`: q, k, v of an attention vertex; this
+        rank's rows), or None if v has no bias."""
         return self.biases[f"v{self._vid[v]}"] if self.base.vertices[v].bias else None
+
+    def norm_gain(self, v: str) -> torch.Tensor | None:
+        """`[n_v, d_v]` layer-norm gains of fibre v (this rank's rows), or None without a norm."""
+        return self.norm_gains[f"v{self._vid[v]}"] if self.base.vertices[v].norm == "layer" else None
+
+    def norm_shift(self, v: str) -> torch.Tensor | None:
+        """`[n_v, d_v]` layer-norm shifts of fibre v (this rank's rows), or None without a norm."""
+        return self.norm_shifts[f"v{self._vid[v]}"] if self.base.vertices[v].norm == "layer" else None
 
     def readout_weight(self, t: str) -> torch.Tensor:
         """`[n_t, out_dim, d_t]` readout rows of output fibre t (this rank's rows)."""
         return self.readouts[f"v{self._vid[t]}"]
 
     def vertex_of(self, key: str) -> str:
-        """Vertex name of a bias / readout parameter key `v<i>`."""
+        """Vertex name of a per-vertex parameter key `v<i>` (biases, norms, readouts)."""
         return list(self.base.vertices)[int(key[1:])]
 
     def own_rows(self, v: str) -> torch.Tensor:
@@ -292,19 +224,26 @@ class LiftedNetwork(nn.Module):
 
     # ------------------------------------------------------------ forward
     def activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All activations `{v: [n_v_own, d_v, B]}` for a batch `x` of shape `[B, in_dim]`."""
+        """All activations `{v: [n_v_own, d_v, B * P_v]}` for a batch `x` of shape `[B, in_dim]`
+        (a token input's entry: its ids, int64 `[B * P]`)."""
         base = self.base
         if x.dim() != 2 or x.shape[1] != base.in_dim:
             raise ValueError(f"input of shape {tuple(x.shape)}: expected [batch, {base.in_dim}] "
-                             f"(inputs {base.inputs} concatenated in declaration order)")
+                             f"(inputs {base.inputs} concatenated in declaration order, each position-major)")
         # every rank uses all of x: its gradient sums the shards' parts
         x = copy_to_lift_group(x.to(self._dtype()), self.comm.lift_group)
+        B = x.shape[0]
         ys: dict[str, torch.Tensor] = {}
         off = 0
         for v in base.inputs:
-            d = base.dim(v)
-            ys[v] = x[:, off:off + d].t().unsqueeze(0).expand(self.lift.n(v), d, x.shape[0])
-            off += d
+            d, P, width = base.dim(v), numel(base.positions(v)), base.input_width(v)
+            cols = x[:, off:off + width]
+            if base.vertices[v].tokens is not None:  # ids held as floats: exact below 2**24
+                ys[v] = cols.detach().round().long().reshape(B * P)
+            else:  # [B, P, d] -> [d, B * P], the same on every member of the fibre
+                ys[v] = cols.reshape(B, P, d).permute(2, 0, 1).reshape(d, B * P).unsqueeze(0).expand(
+                    self.lift.n(v), d, B * P)
+            off += width
         for v in base.order:
             if v in ys:
                 continue
@@ -316,22 +255,34 @@ class LiftedNetwork(nn.Module):
         return ys
 
     def _vertex(self, v: str, *srcs: torch.Tensor) -> torch.Tensor:
-        """`act_v(sum over in-edges of the aggregation + b_v)`: `[n_v_own, d_v, B]`."""
-        z = None
+        """The vertex map of v on its in-edges' messages (`model_vertices.py`): `[n_v_own, d_v, B * P_v]`."""
+        vx = self.base.vertices[v]
+        z: dict = {}
         for e, y_src in zip(self.base.in_edges(v), srcs):
-            z_e = self.edges[self._eid[e.key]](y_src)  # [n_v_own, d_v, B]
-            z = z_e if z is None else z + z_e
+            z_e = self.edges[self._eid[e.key]](y_src)  # [n_v_own, d_v, B * P_v]
+            z[e.slot] = z_e if e.slot not in z else z[e.slot] + z_e
         b = self.bias(v)
+        act = ACTIVATIONS[vx.activation]
+        if vx.kind == "attention":
+            q, k, val = z["q"], z["k"], z["v"]
+            if b is not None:
+                q, k, val = q + b[:, 0, :, None], k + b[:, 1, :, None], val + b[:, 2, :, None]
+            P, Pk = numel(self.base.positions(v)), numel(self.base.key_positions(v))
+            return act(attention(q, k, val, P, Pk, vx.causal))
+        z = z[None]
         if b is not None:
             z = z + b.unsqueeze(-1)
-        return ACTIVATIONS[self.base.vertices[v].activation](z)
+        if vx.norm == "layer":
+            z = layer_norm(z, self.norm_gain(v), self.norm_shift(v))
+        return act(z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in_dim] -> [B, out_dim]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in_dim] -> [B, *P_out, out_dim]
         ys = self.activations(x)
         out = None
         for t in self.base.outputs:
-            part = torch.einsum("nod,ndb->bo", self.readout_weight(t), ys[t])
+            part = torch.einsum("nod,ndb->bo", self.readout_weight(t), ys[t])  # [B * P_out, out_dim]
             out = part if out is None else out + part
+        out = out.reshape(x.shape[0], *self.base.output_positions, self.out_dim)
         return reduce_from_lift_group(out * self.c, self.comm.lift_group)
 
     def _dtype(self) -> torch.dtype:

@@ -186,7 +186,7 @@ class ShardPlan:
         indexes this rank's target rows, `col` the source buffer `[own source rows | received
         rows]` (`n_cols_local + n_cols_remote` rows; no received part without an exchange)."""
         ep = self.edges[key]
-        u, v = key
+        u, v = key[0], key[1]
         src, dst = self.block_global_edges(key, i0, i1)
         row = self.owners[v].local_rows(dst, self.rank) if self._sharded(v) else dst
         if ep.exchange is None:
@@ -225,7 +225,7 @@ class ShardPlan:
         ep = self.edges[key]
         if ep.blocks is not None:
             return self.block_global_edges(key, 0, ep.blocks.blocks.size)
-        u, v = key
+        u, v = key[0], key[1]
         own_v = self.own(v)
         dst = [own_v[ep.row_local]]
         src = [self.own(u)[ep.col_local] if ep.exchange is not None else ep.col_local.astype(np.int64)]

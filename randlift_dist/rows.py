@@ -55,12 +55,17 @@ def _edge_keys(net, e) -> np.ndarray:
 
 class RowKeys(Mapping):
     """`{parameter name: int64 global key of each of its rows on this rank}`, computed when a
-    name is looked up and not kept: a checkpoint holds one parameter's keys at a time."""
+    name is looked up and not kept: a checkpoint holds one parameter's keys at a time.
+
+    Edge weights `edges.<i>.weight` are keyed by lifted edge (`dst * n_u + src`); every per-vertex
+    parameter (`<dict>.v<i>`: biases, readouts, layer-norm gains and shifts) by fibre member."""
+
+    VERTEX_DICTS = ("biases", "readouts", "norm_gains", "norm_shifts")
 
     def __init__(self, net):
         self.net = net
         self._edges = {f"edges.{i}.weight": e for i, e in enumerate(net.base.edges)}
-        self._names = list(self._edges) + [f"biases.{n}" for n in net.biases] + [f"readouts.{n}" for n in net.readouts]
+        self._names = list(self._edges) + [f"{d}.{n}" for d in self.VERTEX_DICTS for n in getattr(net, d, {})]
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._edges:

@@ -36,6 +36,7 @@ from .layout import Layout
 from .limits import EVAL_CHUNK
 from .metrics import MetricsSink, lift_statistics, peak_memory_mb, reduce_over_ranks
 from .parallelize import shard_network
+from .warmstart import warm_start
 
 
 class NonFiniteError(RuntimeError):
@@ -71,6 +72,9 @@ class Trainer:
         self.batches = Batches(self.data.train, cfg.train.batch_size, layout.data_rank, layout.data_parallel,
                                cfg.data.seed)
         self.resumed_from, self.start_step, state = self.resume()
+        self.warm = None
+        if state is None and cfg.model.init_from:  # a fresh start from a smaller trained lift (collective)
+            self.warm = warm_start(self.net, cfg.model.init_from, cfg.model.init_noise)
         self.engine = build_engine(self.net, cfg, layout)
         self.engine.restore(state, self.start_step)
         del state
@@ -273,6 +277,13 @@ class Trainer:
         resumed = f"; resumed from {self.resumed_from} at step {self.start_step}" if self.resumed_from else ""
         self.sink.print(f"randlift_dist: {L.describe()}; lift {s['params']:,} parameters, {s['edges']:,} lifted "
                         f"edges; {self.data.description}; engine {self.engine.name}{resumed}")
+        if self.warm is not None:
+            w = self.warm
+            bad = {k: n for k, n in w["inexact"].items() if n}
+            self.sink.print(f"warm start from {w['path']} (fibres {w['sizes']}): " + (
+                "exact (the same function at step 0)" if not bad else "not exact at " + ", ".join(
+                    f"{n} of {w['targets'][k]} targets of {k}" for k, n in bad.items()) +
+                " (a pulled-back in-edge is missing there)"))
         for k, v in s["per_edge"].items():
             self.sink.print(f"  edge {k}: {v['edges']:,} edges, mean in-degree {v['mean_in_degree']:.2f}, "
                             f"halo fraction {v['halo_fraction']:.3f}, exchange {v['exchange']}")

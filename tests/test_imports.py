@@ -22,18 +22,21 @@ import randlift_dist
 PKG = Path(randlift_dist.__file__).parent
 ORDER = [
     # sizes shared by the runtime and the memory model; local kernels: depend on nothing else of the project
-    "limits", "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen", "ops",
+    "limits", "ops.csr", "ops.workspace", "ops.blocked", "ops.triton_jit", "ops.triton_kernels", "ops.kernels", "ops.regen",
+    "ops.window", "ops.embed", "ops",
     # the stages
-    "graph", "lift", "launch_env", "setup_watch", "layout", "partition", "exchange", "plan", "comm", "model",
-    "parallelize", "rows", "config_parse", "config", "tasks", "planstats",
-    "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data", "data.__main__",
+    "geometry", "graph_schema", "graph_builders", "graph", "lift", "launch_env", "setup_watch", "layout", "partition",
+    "exchange", "plan", "comm", "model_vertices", "model_edges", "model", "parallelize", "activation_memory", "rows",
+    "config_parse", "config", "tasks", "planstats",
+    "data.sources", "data.shards", "data.files", "data.packaged", "data.teacher", "data.recall", "data", "data.__main__",
     "estimate.terms", "estimate.phases", "estimate.rank", "estimate.cli", "estimate", "estimate.__main__",
-    "engine_deepspeed", "engine", "checkpoint", "runs", "export", "predict", "evaluate", "metrics", "trainer", "train",
-    "job_store", "outcome", "launcher",
+    "engine_deepspeed", "engine", "checkpoint", "warmstart", "runs", "export", "predict", "evaluate", "metrics",
+    "trainer", "train", "job_store", "outcome", "launcher",
     # tools built on the trainer
     "experiments", "experiments.collect", "experiments.target", "experiments.figures", "experiments.cell",
     "experiments.runner", "experiments.convergence", "experiments.adaptive", "experiments.price_plan",
     "experiments.cost", "experiments.price_figures", "experiments.price_report", "experiments.threshold",
+    "experiments.seeds",
     "",  # the package itself: re-exports the public API
 ]
 

@@ -57,6 +57,36 @@ def test_regenerated_equals_stored(name, chunk, monkeypatch):
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {k}: {m}")
 
 
+POSITIONS = {  # conv (scalar and vector members), pooling, flatten; attention with a token input
+    "conv": lambda: BaseGraph.cnn1d(11, 2, [1, 3], 2, kernel=[3, 2], stride=[1, 2], head="flatten"),
+    "attention": lambda: BaseGraph.transformer(6, 4, 3, 2, tokens=7, mixer_kernel=3, readout="mean"),
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 23], ids=["one-block-chunks", "default-chunks"])
+@pytest.mark.parametrize("name", sorted(POSITIONS))
+def test_regenerated_equals_stored_with_positions(name, chunk, monkeypatch):
+    """Conv, pooling and attention edges (and edges out of token ids) on the regenerated topology:
+    the same parameters, outputs and gradients as the stored topology."""
+    monkeypatch.setattr(ws, "REGEN_CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(ws, "REGEN_CHUNK_EDGES", 1 if chunk == 1 else ws.REGEN_CHUNK_EDGES)
+    base = POSITIONS[name]()
+    lift = random_sparse_lift(base, 13, 3, seed=3, block_size=4)
+    kw = dict(readout_init="normal", dtype=torch.float64)
+    a, b = LiftedNetwork(base, lift, **kw), LiftedNetwork(base, lift, build_plan(lift, topology="regenerate"), **kw)
+    for (k, p), (k2, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert k == k2 and torch.equal(p, q), f"initial {k} differs"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, base.in_dim, generator=g, dtype=torch.float64)
+    if base.vertices["x"].tokens is not None:
+        x = torch.randint(0, base.vertices["x"].tokens, x.shape, generator=g).double()
+    oa, ga, pa = run(a, x)
+    ob, gb, pb = run(b, x)
+    torch.testing.assert_close(ob, oa, rtol=1e-12, atol=1e-12)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {k}: {m}")
+
+
 def test_float32_scalar_spmm_path_and_empty_rows():
     """Degree 0.5 (bernoulli): many targets without in-edges; float32 takes the MKL SpMM path."""
     base, lift, a, b = pair("scalar", torch.float32, degree=0.5)

@@ -10,6 +10,7 @@ run's `Task` (loss and metrics, `tasks.py`):
 | mnist1d   | MNIST-1D, generated offline and cached (`packaged.py`)     | yes                |
 | digits    | scikit-learn's 8x8 digits (`packaged.py`)                  | yes                |
 | shards    | a directory of `.npy` shards read row by row (`shards.py`) | one batch per rank |
+| recall    | associative recall token sequences, generated (`recall.py`) | yes                |
 
 `build_dataset` loads and checks everything it can before any process group starts (the trainer's
 preflight calls it; the result is kept for the run in this process, so the data is read once):
@@ -38,6 +39,7 @@ from ..graph import BaseGraph
 from ..tasks import Task, check_labels
 from .files import npz_arrays, split_rows
 from .packaged import DIGITS_CLASSES, DIGITS_SAMPLES, MNIST1D_CLASSES, digits_arrays, mnist1d_arrays
+from .recall import recall_arrays
 from .shards import DataError, ShardSource, finite, read_index, verify_part, write_shards
 from .sources import Batches, FeistelOrder, TensorSource, eval_rows, replica_part
 from .teacher import teacher_arrays
@@ -124,6 +126,10 @@ def _load(cfg: Config, base: BaseGraph, task: Task) -> Dataset:
         xtr, ytr, xte, yte, what = digits_arrays(d.digits)
         _packaged_width("digits", xtr, base.in_dim)
         return _in_memory(task, xtr, ytr, xte, yte, what, "data.kind=digits", DIGITS_CLASSES)
+    if d.kind == "recall":
+        xtr, ytr, xte, yte, what = recall_arrays(d.recall)
+        _packaged_width("recall", xtr, base.in_dim)
+        return _in_memory(task, xtr, ytr, xte, yte, what, "data.kind=recall", d.recall.values)
     return _shards(cfg, task, base.in_dim)
 
 
@@ -134,6 +140,8 @@ def split_sizes(cfg: Config) -> tuple[int, int]:
     d = cfg.data
     if d.kind == "teacher":
         return d.n_train, d.n_test
+    if d.kind == "recall":
+        return d.recall.n_train, d.recall.n_test
     if d.kind == "mnist1d":  # the generator: num_samples // 10 per class, then its train_split cut
         total = d.mnist1d.num_samples // MNIST1D_CLASSES * MNIST1D_CLASSES
         return int(total * d.mnist1d.train_split), total - int(total * d.mnist1d.train_split)
@@ -221,6 +229,8 @@ def data_identity(cfg: Config, hash_files: bool = True) -> dict[str, Any]:
         out["mnist1d"] = {k: v for k, v in dataclasses.asdict(d.mnist1d).items() if k != "cache_dir"}
     elif d.kind == "digits":
         out["digits"] = dataclasses.asdict(d.digits)
+    elif d.kind == "recall":
+        out["recall"] = dataclasses.asdict(d.recall)
     else:  # shards: the index (and so every file's sha256), wherever the directory is
         index = Path(d.path) / "index.json"
         if hash_files and index.is_file():

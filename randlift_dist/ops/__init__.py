@@ -29,6 +29,9 @@ Implementations, selected by `aggregate(..., impl=...)`:
   the batch inside the kernel; float32 / bfloat16 / float16 with fp32 accumulation; no atomics
   (bitwise reproducible). CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (tests). triton
   is imported on first use only.
+Conv edges (`window.py`): `windowed_aggregate` unfolds the sources (`[n, d * taps, B * P_out]`) and
+runs any of the above (or the regenerated topology) on them, saving only y and w (the unfolding is
+made again in the backward, chunk by chunk over the batch). Edges out of token ids: `embed.py`.
 Regenerated topology (no stored edges; the plan draws them again chunk by chunk):
 `regenerated_aggregate` (`regen.py`), any dims and device.
 `auto` picks `triton` for CUDA tensors of those dtypes when triton imports; on CPU `csr` for
@@ -39,7 +42,10 @@ budgets: `workspace.py`.
 Measurements and what was tried: `bench/kernels.py` (module doc).
 """
 from .csr import CSR
-from .kernels import aggregate, IMPLS
+from .embed import embed_aggregate
+from .kernels import IMPLS, agg_backward, agg_forward, aggregate
 from .regen import regenerated_aggregate
+from .window import Geometry, Regenerated, Stored, fold, unfold, windowed_aggregate
 
-__all__ = ["CSR", "aggregate", "IMPLS", "regenerated_aggregate"]
+__all__ = ["CSR", "aggregate", "agg_forward", "agg_backward", "IMPLS", "regenerated_aggregate", "Geometry", "Stored",
+           "Regenerated", "windowed_aggregate", "unfold", "fold", "embed_aggregate"]

@@ -305,10 +305,16 @@ class _Blocked(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
-        csr = ctx.csr
-        gz = gz.contiguous()
-        if all(ctx.needs_input_grad[:2]) and not _small_batch(w.shape, gz.shape[2]) and _FUSED_BACKWARD:
-            return (*_blocked_backward(gz, y, w, csr), None)
-        gy = _blocked_grad_input(gz, w, csr) if ctx.needs_input_grad[0] else None
-        gw = _blocked_grad_weight(gz, y, w.shape, csr) if ctx.needs_input_grad[1] else None
-        return gy, gw, None
+        return (*blocked_grads(gz, y, w, ctx.csr, *ctx.needs_input_grad[:2]), None)
+
+
+def blocked_grads(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, csr: CSR, need_y: bool = True,
+                  need_w: bool = True):
+    """`(gy, gw)` of the blocked kernel (None for a gradient not needed): the fused backward when
+    both are wanted (and the batch is not small), else the separate kernels."""
+    gz = gz.contiguous()
+    if need_y and need_w and not _small_batch(w.shape, gz.shape[2]) and _FUSED_BACKWARD:
+        return _blocked_backward(gz, y, w, csr)
+    gy = _blocked_grad_input(gz, w, csr) if need_y else None
+    gw = _blocked_grad_weight(gz, y, w.shape, csr) if need_w else None
+    return gy, gw

@@ -70,6 +70,39 @@ def reference_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Ten
     return z.index_add(0, csr.row, msg)
 
 
+def csr_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
+    """d_v = 1: `z = A @ Y`, A the scalar CSR matrix `[n_v, n_u * d_u]` of the flat weights."""
+    B = y.shape[2]
+    x = csr.scalar_expansion(w.shape[2])
+    A = ws.csr_tensor(x.indptr, x.col, w.reshape(-1), (x.n_rows, x.n_cols))
+    return ws.spmm(A, y.reshape(x.n_cols, B)).view(csr.n_rows, 1, B)  # [n_v, 1, B]
+
+
+def csr_grads(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, csr: CSR, need_y: bool = True,
+              need_w: bool = True):
+    """`(gy, gw)` of `csr_forward` (see `_ScalarCSR`)."""
+    x = csr.scalar_expansion(w.shape[2])
+    B = y.shape[2]
+    if csr_fused_backward(w.shape[2], y.shape[0], B, need_y and need_w):
+        # one gather of gz rows for both gradients (see `_blocked_backward`), B = 256, 1
+        # thread: 2x faster at d_u = 16; at d = 1 1.2x faster for y of 64 MiB, 1.5-2x
+        # slower for y of 16 MiB or less (in cache, the second gather is cheap)
+        return _blocked_backward(gz.contiguous(), y, w, csr)
+    gz2 = gz.reshape(x.n_rows, B).contiguous()
+    gy = gw = None
+    if need_y:
+        At = ws.csr_tensor(x.t_indptr, x.t_col, w.reshape(-1)[x.perm], (x.n_cols, x.n_rows))
+        gy = ws.spmm(At, gz2).view(y.shape)
+    if need_w:
+        # zeros, not empty: sampled_addmm propagates NaN from the pattern's values even at beta=0
+        pattern = ws.csr_tensor(x.indptr, x.col, w.new_zeros(w.numel()), (x.n_rows, x.n_cols))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sampled = torch.sparse.sampled_addmm(pattern, gz2, y.reshape(x.n_cols, B).t(), beta=0.0)
+        gw = sampled.values().view(w.shape)
+    return gy, gw
+
+
 class _ScalarCSR(torch.autograd.Function):
     """d_v = 1 (scalar targets, any d_u): z = A @ Y with A the scalar CSR matrix
     `[n_v, n_u * d_u]` holding the flat weights (`CSR.scalar_expansion`), Y = y as `[n_u*d_u, B]`.
@@ -85,46 +118,74 @@ class _ScalarCSR(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, w, csr):
-        B = y.shape[2]
-        x = csr.scalar_expansion(w.shape[2])
-        A = ws.csr_tensor(x.indptr, x.col, w.reshape(-1), (x.n_rows, x.n_cols))
-        z = ws.spmm(A, y.reshape(x.n_cols, B))  # [n_v, B]
         ctx.csr = csr
         ctx.save_for_backward(y, w)
-        return z.view(csr.n_rows, 1, B)
+        return csr_forward(y, w, csr)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
-        x = ctx.csr.scalar_expansion(w.shape[2])
-        B = y.shape[2]
-        if csr_fused_backward(w.shape[2], y.shape[0], B, all(ctx.needs_input_grad[:2])):
-            # one gather of gz rows for both gradients (see `_blocked_backward`), B = 256, 1
-            # thread: 2x faster at d_u = 16; at d = 1 1.2x faster for y of 64 MiB, 1.5-2x
-            # slower for y of 16 MiB or less (in cache, the second gather is cheap)
-            return (*_blocked_backward(gz.contiguous(), y, w, ctx.csr), None)
-        gz2 = gz.reshape(x.n_rows, B).contiguous()
-        gy = gw = None
-        if ctx.needs_input_grad[0]:
-            At = ws.csr_tensor(x.t_indptr, x.t_col, w.reshape(-1)[x.perm], (x.n_cols, x.n_rows))
-            gy = ws.spmm(At, gz2).view(y.shape)
-        if ctx.needs_input_grad[1]:
-            # zeros, not empty: sampled_addmm propagates NaN from the pattern's values even at beta=0
-            pattern = ws.csr_tensor(x.indptr, x.col, w.new_zeros(w.numel()), (x.n_rows, x.n_cols))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sampled = torch.sparse.sampled_addmm(pattern, gz2, y.reshape(x.n_cols, B).t(), beta=0.0)
-            gw = sampled.values().view(w.shape)
-        return gy, gw, None
+        return (*csr_grads(gz, y, w, ctx.csr, *ctx.needs_input_grad[:2]), None)
+
+
+def resolve_impl(y: torch.Tensor, w: torch.Tensor, impl: str) -> str:
+    """The implementation `impl` stands for on these tensors (`choose_impl` on their shapes, dtype
+    and device)."""
+    if impl != "auto":
+        return impl
+    cuda = y.device.type == "cuda"
+    return choose_impl(impl, w.shape[1], w.shape[2], y.shape[2], y.dtype, y.device.type,
+                       cuda and w.dtype == y.dtype and triton_kernels.available())
+
+
+def agg_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") -> torch.Tensor:
+    """`aggregate` without autograd (for composite ops that save their own inputs, e.g. `unfold.py`)."""
+    impl = resolve_impl(y, w, impl)
+    y, w = y.contiguous(), w.contiguous()
+    if csr.nnz == 0:
+        return y.new_zeros(csr.n_rows, w.shape[1], y.shape[2])
+    if impl == "triton":
+        from .triton_kernels import triton_forward
+
+        return triton_forward(y, w, csr)
+    if impl == "reference":
+        with torch.no_grad():
+            return reference_aggregate(y, w, csr)
+    if impl == "csr":
+        return csr_forward(y, w, csr)
+    if impl == "blocked":
+        return blocked._blocked_forward(y, w, csr)
+    raise ValueError(f"unknown aggregation impl {impl!r}: choose one of {IMPLS}")
+
+
+def agg_backward(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto",
+                 need_y: bool = True, need_w: bool = True):
+    """`(gy, gw)` of `agg_forward(y, w, csr, impl)` for the output gradient gz (None where not needed)."""
+    impl = resolve_impl(y, w, impl)
+    y, w, gz = y.contiguous(), w.contiguous(), gz.contiguous()
+    if csr.nnz == 0:
+        return (torch.zeros_like(y) if need_y else None), (torch.zeros_like(w) if need_w else None)
+    if impl == "triton":
+        from .triton_kernels import triton_grads
+
+        return triton_grads(gz, y, w, csr, need_y, need_w)
+    if impl == "csr":
+        return csr_grads(gz, y, w, csr, need_y, need_w)
+    if impl == "blocked":
+        return blocked.blocked_grads(gz, y, w, csr, need_y, need_w)
+    if impl == "reference":
+        with torch.enable_grad():
+            yy, ww = y.detach().requires_grad_(need_y), w.detach().requires_grad_(need_w)
+            want = [t for t in (yy, ww) if t.requires_grad]
+            got = iter(torch.autograd.grad(reference_aggregate(yy, ww, csr), want, gz)) if want else iter(())
+            return (next(got) if need_y else None), (next(got) if need_w else None)
+    raise ValueError(f"unknown aggregation impl {impl!r}: choose one of {IMPLS}")
 
 
 def aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR, impl: str = "auto") -> torch.Tensor:
     """`z[j] = sum_{(i->j)} w_ij @ y[i]`; y `[n_u, d_u, B]`, w `[m, d_v, d_u]` -> z `[n_v, d_v, B]`."""
-    if impl == "auto":  # triton on CUDA (dtypes it supports, if it imports); else csr / blocked
-        cuda = y.device.type == "cuda"
-        impl = choose_impl(impl, w.shape[1], w.shape[2], y.shape[2], y.dtype, y.device.type,
-                           cuda and w.dtype == y.dtype and triton_kernels.available())
+    impl = resolve_impl(y, w, impl)  # triton on CUDA (dtypes it supports, if it imports); else csr / blocked
     if impl == "triton":
         triton_kernels.check(y, w)  # imports triton only now
         if csr.nnz:

@@ -118,64 +118,75 @@ def _add_rows(out: torch.Tensor, idx: torch.Tensor, msg: torch.Tensor) -> None:
     flat.scatter_add_(0, idx.unsqueeze(1).expand(m, flat.shape[1]), msg.reshape(m, flat.shape[1]))
 
 
+def regen_forward(y: torch.Tensor, w: torch.Tensor, topology) -> torch.Tensor:
+    """The forward without autograd: `z [n_rows, d_v, B]` over the topology's chunks."""
+    y, w = y.contiguous(), w.contiguous()
+    n_cols, B = y.shape[0], y.shape[2]
+    scalar = _scalar_cpu(y, w)
+    z = y.new_empty(topology.n_rows, w.shape[1], B)
+    y2 = y.view(n_cols, -1)
+    done = 0
+    for c in topology.chunks(_max_edges(w, B, scalar), _preparer(scalar, False, n_cols, y.device)):
+        out = z[c.r0:c.r1]
+        if scalar and c.col.numel():
+            A = ws.csr_tensor(c.indptr, c.col32, w[c.e0:c.e1].reshape(-1), (c.r1 - c.r0, n_cols))
+            ws.spmm(A, y2, out=out.view(c.r1 - c.r0, B))
+        else:
+            _general_forward(y, w[c.e0:c.e1], c, out)
+        done = c.r1
+    if done != topology.n_rows:
+        raise RuntimeError(f"regenerated topology covered rows 0:{done} of {topology.n_rows}")
+    return z
+
+
+def regen_grads(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, topology, want_y: bool = True,
+                want_w: bool = True):
+    """`(gy, gw)` of `regen_forward` (None where not needed); the edges are drawn again."""
+    y, w, gz = y.contiguous(), w.contiguous(), gz.contiguous()
+    n_cols, B = y.shape[0], y.shape[2]
+    scalar_cpu = _scalar_cpu(y, w)
+    gy = torch.zeros_like(y) if want_y else None
+    gw = torch.empty_like(w) if want_w else None
+    if scalar_cpu:
+        y2, gy2 = y.view(n_cols, B), (gy.view(n_cols, B) if want_y else None)
+    prepare = _preparer(scalar_cpu, want_y, n_cols, y.device)
+    for c in topology.chunks(_max_edges(w, B, scalar_cpu), prepare):
+        if c.e1 == c.e0:
+            continue
+        wc = w[c.e0:c.e1]
+        if scalar_cpu:
+            r, gzc = c.r1 - c.r0, gz[c.r0:c.r1].view(c.r1 - c.r0, B)
+            if want_w:  # per edge: gz[row] . y[col] over the batch (zeros: NaN in the pattern would spread)
+                pattern = ws.csr_tensor(c.indptr, c.col32, wc.new_zeros(wc.numel()), (r, n_cols))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    gw[c.e0:c.e1].view(-1).copy_(torch.sparse.sampled_addmm(pattern, gzc, y2.t(), beta=0.0).values())
+            if want_y:  # gy += A^T gz with the chunk's transposed structure over all sources
+                At = ws.csr_tensor(c.t_indptr, c.t_row, wc.reshape(-1)[c.perm], (n_cols, r))
+                gy2.addmm_(At, gzc)
+            continue
+        g = gz.index_select(0, c.row)  # [m, d_v, B]
+        if want_w:
+            yc = y.index_select(0, c.col)  # [m, d_u, B]
+            torch.matmul(g, yc.transpose(1, 2), out=gw[c.e0:c.e1])
+            del yc
+        if want_y:
+            _add_rows(gy, c.col, torch.matmul(wc.transpose(1, 2), g))
+    return gy, gw
+
+
 class _Regenerated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w, topology):
-        n_cols, B = y.shape[0], y.shape[2]
-        scalar = _scalar_cpu(y, w)
-        z = y.new_empty(topology.n_rows, w.shape[1], B)
-        y2 = y.view(n_cols, -1)
-        done = 0
-        for c in topology.chunks(_max_edges(w, B, scalar), _preparer(scalar, False, n_cols, y.device)):
-            out = z[c.r0:c.r1]
-            if scalar and c.col.numel():
-                A = ws.csr_tensor(c.indptr, c.col32, w[c.e0:c.e1].reshape(-1), (c.r1 - c.r0, n_cols))
-                ws.spmm(A, y2, out=out.view(c.r1 - c.r0, B))
-            else:
-                _general_forward(y, w[c.e0:c.e1], c, out)
-            done = c.r1
-        if done != topology.n_rows:
-            raise RuntimeError(f"regenerated topology covered rows 0:{done} of {topology.n_rows}")
         ctx.topology = topology
         ctx.save_for_backward(y, w)
-        return z
+        return regen_forward(y, w, topology)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
-        gz = gz.contiguous()
-        want_y, want_w = ctx.needs_input_grad[:2]
-        n_cols, B = y.shape[0], y.shape[2]
-        scalar_cpu = _scalar_cpu(y, w)
-        gy = torch.zeros_like(y) if want_y else None
-        gw = torch.empty_like(w) if want_w else None
-        if scalar_cpu:
-            y2, gy2 = y.view(n_cols, B), (gy.view(n_cols, B) if want_y else None)
-        prepare = _preparer(scalar_cpu, want_y, n_cols, y.device)
-        for c in ctx.topology.chunks(_max_edges(w, B, scalar_cpu), prepare):
-            if c.e1 == c.e0:
-                continue
-            wc = w[c.e0:c.e1]
-            if scalar_cpu:
-                r, gzc = c.r1 - c.r0, gz[c.r0:c.r1].view(c.r1 - c.r0, B)
-                if want_w:  # per edge: gz[row] . y[col] over the batch (zeros: NaN in the pattern would spread)
-                    pattern = ws.csr_tensor(c.indptr, c.col32, wc.new_zeros(wc.numel()), (r, n_cols))
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        gw[c.e0:c.e1].view(-1).copy_(torch.sparse.sampled_addmm(pattern, gzc, y2.t(), beta=0.0).values())
-                if want_y:  # gy += A^T gz with the chunk's transposed structure over all sources
-                    At = ws.csr_tensor(c.t_indptr, c.t_row, wc.reshape(-1)[c.perm], (n_cols, r))
-                    gy2.addmm_(At, gzc)
-                continue
-            g = gz.index_select(0, c.row)  # [m, d_v, B]
-            if want_w:
-                yc = y.index_select(0, c.col)  # [m, d_u, B]
-                torch.matmul(g, yc.transpose(1, 2), out=gw[c.e0:c.e1])
-                del yc
-            if want_y:
-                _add_rows(gy, c.col, torch.matmul(wc.transpose(1, 2), g))
-        return gy, gw, None
+        return (*regen_grads(gz, y, w, ctx.topology, *ctx.needs_input_grad[:2]), None)
 
 
 def regenerated_aggregate(y: torch.Tensor, w: torch.Tensor, topology) -> torch.Tensor:

@@ -198,31 +198,42 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def triton_forward(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:
+    """The forward kernel without autograd; y, w contiguous, on one device."""
+    check(y, w)
+    ix = _indices(csr, y.device)
+    with _on_device(y):
+        return _spmm(y, w, csr.n_rows, ix["indptr"], ix["col"], None, transpose_w=False)
+
+
+def triton_grads(gz: torch.Tensor, y: torch.Tensor, w: torch.Tensor, csr: CSR, need_y: bool = True,
+                 need_w: bool = True):
+    """`(gy, gw)` of `triton_forward` (None where not needed)."""
+    ix = _indices(csr, y.device)
+    gz = gz.to(y.dtype).contiguous()
+    gy = gw = None
+    with _on_device(y):
+        if need_y:
+            gy = _spmm(gz, w, csr.n_cols, ix["t_indptr"], ix["t_row"], ix["perm"], transpose_w=True)
+        if need_w:
+            gw = _grad_weight(gz, y, w.shape, ix["row"], ix["col"])
+    return gy, gw
+
+
 class TritonAggregate(torch.autograd.Function):
     """`z = aggregate(y, w, csr)` with the Triton kernels; saves only y and w."""
 
     @staticmethod
     def forward(ctx, y, w, csr):
-        ix = _indices(csr, y.device)
         ctx.csr = csr
         ctx.save_for_backward(y, w)
-        with _on_device(y):
-            return _spmm(y, w, csr.n_rows, ix["indptr"], ix["col"], None, transpose_w=False)
+        return triton_forward(y, w, csr)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz):
         y, w = ctx.saved_tensors
-        csr = ctx.csr
-        ix = _indices(csr, y.device)
-        gz = gz.to(y.dtype).contiguous()
-        gy = gw = None
-        with _on_device(y):
-            if ctx.needs_input_grad[0]:
-                gy = _spmm(gz, w, csr.n_cols, ix["t_indptr"], ix["t_row"], ix["perm"], transpose_w=True)
-            if ctx.needs_input_grad[1]:
-                gw = _grad_weight(gz, y, w.shape, ix["row"], ix["col"])
-        return gy, gw, None
+        return (*triton_grads(gz, y, w, ctx.csr, *ctx.needs_input_grad[:2]), None)
 
 
 def triton_aggregate(y: torch.Tensor, w: torch.Tensor, csr: CSR) -> torch.Tensor:

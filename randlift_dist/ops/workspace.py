@@ -33,6 +33,11 @@ REGEN_CHUNK_EDGES = 1 << 20
 # Runs of blocks of a regenerated edge drawn ahead on helper threads (`model.BlockChunks`), by as
 # many threads, while the current run computes: DRAW_AHEAD + 1 runs of indices exist at once.
 DRAW_AHEAD = 2
+# Elements of one unfolded chunk of a conv edge's sources (`window.py`): the k-fold copy made in the
+# forward and again in the backward, never kept; 2**24 fp32 elements is 64 MiB. Beyond it the batch
+# is cut into chunks (each a kernel call: at least a few samples per call keeps GEMMs wide).
+WINDOW_CHUNK_ELEMS = 1 << 24
+WINDOW_CHUNK_ELEMS_ACCEL = 1 << 28
 # Scratch buffers up to this many elements are kept for reuse (per thread, dtype and slot; six
 # slots, so at most ~6 * 32 MiB in fp32, typically much less); bigger ones are allocated per call.
 WS_CACHE_MAX = 1 << 23
