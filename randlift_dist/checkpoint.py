@@ -204,7 +204,7 @@ def save(root: Path, step: int, cfg, lift, engine, layout, keep: int, block_byte
     return final
 
 
-def _steps(root: Path) -> list[Path]:
+def step_dirs(root: Path) -> list[Path]:
     """Finished checkpoint directories, newest step first."""
     done = [d for d in Path(root).glob("step_*") if d.name[5:].isdigit() and d.is_dir()]
     return sorted(done, key=lambda d: int(d.name[5:]), reverse=True)
@@ -212,8 +212,8 @@ def _steps(root: Path) -> list[Path]:
 
 def _prune(root: Path, keep: int) -> None:
     """Delete checkpoints older than the `keep` newest structurally intact ones."""
-    intact = [d for d in _steps(root) if not structure_problems(d)]
-    for d in _steps(root) if len(intact) >= keep else []:
+    intact = [d for d in step_dirs(root) if not structure_problems(d)]
+    for d in step_dirs(root) if len(intact) >= keep else []:
         if int(d.name[5:]) < int(intact[keep - 1].name[5:]):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -263,7 +263,7 @@ def find_intact(root: Path, verify: bool = True, layout=None) -> tuple[Path | No
         name = latest.read_text().strip()
         if not (root / name).is_dir():
             problems.append(f"{latest}: names {name!r}, which does not exist")
-    for d in _steps(root):
+    for d in step_dirs(root):
         bad = structure_problems(d) or (verify_checksums(d, layout) if verify else [])
         if not bad:
             return d, problems
@@ -380,7 +380,7 @@ def load_latest(root: Path, cfg, lift, net, report: Callable[[str], None] | None
         clean_partial(root)
     _agree(None)
     problems: list[str] = []
-    for d in _steps(root):
+    for d in step_dirs(root):
         bad = (damaged or {}).get(d) or structure_problems(d)
         if not bad:
             try:

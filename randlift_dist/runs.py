@@ -92,8 +92,9 @@ def read_run_config(run_dir: str | Path) -> Config:
 
 
 def network_kwargs(cfg: Config, base, device: torch.device | None = None) -> dict[str, Any]:
-    """The keyword arguments `Trainer` passes to `shard_network` for this config. `impl=triton`
-    becomes `auto` off CUDA devices (same sums, another kernel)."""
+    """The keyword arguments of `shard_network` for this config: the one place the trainer and
+    `load_run` build a network from. With a `device` that is not CUDA, `impl=triton` becomes `auto`
+    (same sums, another kernel: a run trained on GPUs loads on a CPU)."""
     m, p = cfg.model, cfg.parallel
     impl = m.impl if m.impl != "triton" or (device is not None and device.type == "cuda") else "auto"
     return dict(strategy=p.partition, exchange=p.exchange, allgather_threshold=p.allgather_threshold,
@@ -104,8 +105,7 @@ def network_kwargs(cfg: Config, base, device: torch.device | None = None) -> dic
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The finished checkpoint directories of a run, newest step first."""
-    done = [d for d in (Path(run_dir) / "checkpoints").glob("step_*") if d.name[5:].isdigit() and d.is_dir()]
-    return sorted(done, key=lambda d: int(d.name[5:]), reverse=True)
+    return ckpt.step_dirs(Path(run_dir) / "checkpoints")
 
 
 def candidates(run_dir: Path, step: int | None) -> list[Path]:

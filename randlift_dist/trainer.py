@@ -36,6 +36,7 @@ from .layout import Layout
 from .limits import EVAL_CHUNK
 from .metrics import MetricsSink, lift_statistics, peak_memory_mb, reduce_over_ranks
 from .parallelize import shard_network
+from .runs import network_kwargs
 from .warmstart import warm_start
 
 
@@ -58,12 +59,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.base, self.lift = cfg.build_lift()
         self._refuse_if_finished()
-        m, p = cfg.model, cfg.parallel
-        self.net = shard_network(self.base, self.lift, layout, p.partition, p.exchange, p.allgather_threshold,
-                                 topology=m.topology, out_dim=cfg.out_dim(self.base), readout_scale=m.readout_scale,
-                                 weight_scale=m.weight_scale, seed=m.weight_seed, readout_init=m.readout_init,
-                                 impl=m.impl, recompute=m.recompute,
-                                 dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32)
+        self.net = shard_network(self.base, self.lift, layout, **network_kwargs(cfg, self.base))
         self.net.to(layout.device())
         self.data = build_dataset(cfg, self.base, cfg.out_dim(self.base))  # checked (and kept) by the preflight
         if cfg.data.kind == "shards" and cfg.data.shards.verify:
