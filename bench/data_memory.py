@@ -14,6 +14,9 @@ held in memory). Printed: the hardware, then per run the rows, bytes on disk, ra
 rank, and the growth over the smallest size's run with the same ranks: the claim under test is that
 it stays flat (the batch, the evaluation chunk and the index only), while the npz run grows by the
 data's size.
+
+Measured on the 2-core CPU machine (load about 2): 0.5 GB of shards 449 MB (1 rank), 455 / 449 MB (2
+ranks); 8 GB 448 MB, 455 / 451 MB; the 0.5 GB npz 982 MB.
 """
 
 from __future__ import annotations
