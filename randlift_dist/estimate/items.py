@@ -122,12 +122,18 @@ def edge_terms(run: Run, base, e: EdgeShape) -> EdgeTerms:
         scalar = _regen.scalar_path(e.d_v, e.features, run.device, run.dtype)
         c = min(e.m, _regen.chunk_edges(e.d_v, e.features, b_train, scalar))
         regen = (regen_rows * e.features * b_train * es, c, scalar)
-    conv = max((_conv(run, e, m, cols, g) for m, cols, g in calls), key=sum) if e.geom is not None else []
+    halo = (e.send_rows * e.row * Bm * es, e.received * e.row * Bm * es) if e.exchanging else None
+    conv: list[float] = []
+    if e.geom is not None:
+        conv = max((_conv(run, e, m, cols, g) for m, cols, g in calls), key=sum)
+        if halo is not None and not run.regen:  # the remote call's input gradient is the halo's: the
+            # exchange's backward (the gradient, gloo's copy, the send buffer) runs after the fold's
+            conv = max(conv, [halo[1]] * (2 if cpu else 1) + [halo[0]], key=sum)
+            halo = None
     temps = ph.edge_temporaries(
         kernel, es, b_train, e.m, e.d_v, e.features, e.n_v, copy_grad=copy_grad,
         split=(e.m_local, e.m - e.m_local) if e.exchanging and not run.regen else None,
-        halo=(e.send_rows * e.row * Bm * es, e.received * e.row * Bm * es) if e.exchanging else None, cpu=cpu,
-        regen=regen, fused=fused, input_grad=not e.src_input, conv=conv)
+        halo=halo, cpu=cpu, regen=regen, fused=fused, input_grad=not e.src_input, conv=conv)
     saved = am.edge_saved(base, edge, e.own_u, Bm, es)
     if e.exchanging:
         saved.append((e.received + (e.own_u if run.regen else 0)) * e.row * Bm * es)
