@@ -22,8 +22,8 @@ two-rank shapes off the calibration ones (width 24 and tanh with micro-batches; 
 all-to-all exchange); `cnn1d_*` (configs/mnist1d_cnn.yaml's 1-D CNN scaled up: conv vertices with
 positions, unfold chunks, a flatten head) and `trf_*` (configs/attention_recall.yaml's transformer
 block: token embeddings, attention, layer norms) check the model on vertices with positions,
-`cnn1d_12m_eval` with an evaluation chunk of 1024 samples. The runs get the CLI's allocator settings (`train.limit_heap`; set
-`RANDLIFT_MALLOC=default` to measure glibc's default). Measurements: `docs/scale.md`, README.
+`cnn1d_12m_eval` with an evaluation chunk of 1024 samples. The runs get the CLI's allocator
+settings (`train.limit_heap`; set `RANDLIFT_MALLOC=default` to measure glibc's default). Measurements: `docs/scale.md`, README.
 """
 
 from __future__ import annotations
