@@ -19,8 +19,11 @@ Cases (`--list`): `r16_*`: residual MLP of 16-dimensional vertices (depth 4, gel
 millions of parameters and `_p2` marks two ranks; `r16_560m_*` (~10 GB, one at a time) measure
 bytes per parameter at d = 16 with a small batch or micro-batches; `r24t_*` and `r16d2_*` are
 two-rank shapes off the calibration ones (width 24 and tanh with micro-batches; depth 2 with
-all-to-all exchange). The runs get the CLI's allocator settings (`train.limit_heap`; set
-`RANDLIFT_MALLOC=default` to measure glibc's default). Measurements: `docs/scale.md`, README.
+all-to-all exchange); `cnn1d_*` (configs/mnist1d_cnn.yaml's 1-D CNN scaled up: conv vertices with
+positions, unfold chunks, a flatten head) and `trf_*` (configs/attention_recall.yaml's transformer
+block: token embeddings, attention, layer norms) check the model on vertices with positions,
+`cnn1d_12m_eval` with an evaluation chunk of 1024 samples. The runs get the CLI's allocator
+settings (`train.limit_heap`; set `RANDLIFT_MALLOC=default` to measure glibc's default). Measurements: `docs/scale.md`, README.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ S1 = {"builder": "mlp", "in_dim": 4, "hidden_dims": [1, 1, 1, 1], "out_dim": 1, 
 # other shapes, to check the model off its calibration cases
 R24T = {"builder": "residual_mlp", "in_dim": 8, "width": 24, "depth": 3, "out_dim": 2, "activation": "tanh"}
 R16D2 = {"builder": "residual_mlp", "in_dim": 16, "width": 16, "depth": 2, "out_dim": 1, "activation": "gelu"}
+# vertices with positions: configs/mnist1d_cnn.yaml's CNN (40 -> 19 -> 10 -> 5 positions, groups of 4 channels,
+# a flatten head into y) and configs/attention_recall.yaml's transformer block (33 token positions)
+CNN1D = {"builder": "cnn1d", "length": 40, "channels": 1, "dims": [4, 4, 4], "out_dim": 10, "kernel": [5, 3, 3],
+         "stride": 2, "padding": 1, "activation": "relu", "head": "flatten"}
+TRF = {"builder": "transformer", "seq_len": 33, "tokens": 64, "width": 8, "head_dim": 8, "mlp_dim": 16, "out_dim": 32,
+       "depth": 1, "mixer_kernel": 3, "readout": "select"}
+RECALL = {"kind": "recall", "recall": {"n_train": 1024, "n_test": 32, "pairs": 16, "keys": 32, "values": 32, "seed": 0}}
+
+
+def _cnn_lift(s: int, degree: int) -> tuple[dict, dict]:
+    """configs/mnist1d_cnn.yaml's lift scaled: conv fibres of s members, y of s / 2."""
+    return {"c1": s, "c2": s, "c3": s, "y": s // 2}, {"x->c1": 1, "c1->c2": degree, "c2->c3": degree, "c3->y": 12}
 # name: (base, lift size, degree, ranks, batch[, settings merged into the config])
 # ~ params: r16 21504 x s, s1 128 x s
 CASES = {
@@ -70,12 +85,22 @@ CASES = {
                                               "train": {"micro_batch_size": 24}}),
     "r16d2_90m_p2_a2a": (R16D2, 12000, 24, 2, 32, {"model": {"lift": {"seed": 5}}, "data": {"n_test": 256},
                                                    "parallel": {"exchange": "alltoall"}}),
+    # positions: activations [n, d, B * P], conv unfold chunks, attention, layer norms, embeddings; the
+    # evaluations run at the training batch (n_test and train.eval_train_max = batch) except in *_eval,
+    # which evaluates 1024 training rows in one chunk (limits.EVAL_CHUNK)
+    "cnn1d_23m": (CNN1D, *_cnn_lift(8192, 16), 1, 64, {"data": {"n_test": 64}, "train": {"eval_train_max": 64}}),
+    "cnn1d_23m_p2": (CNN1D, *_cnn_lift(8192, 16), 2, 64, {"data": {"n_test": 64}, "train": {"eval_train_max": 64}}),
+    "cnn1d_12m_eval": (CNN1D, *_cnn_lift(4096, 16), 1, 64, {"data": {"n_test": 64}}),
+    "trf_20m": (TRF, 1024, 16, 1, 32, {"data": RECALL, "train": {"eval_train_max": 32, "loss": "cross_entropy"}}),
+    "trf_20m_p2": (TRF, 1024, 16, 2, 32, {"data": RECALL, "train": {"eval_train_max": 32, "loss": "cross_entropy"}}),
 }
 
 
 def _merge(into: dict, extra: dict) -> dict:
     for k, v in extra.items():
-        if isinstance(v, dict):
+        if k == "data" and "kind" in v:  # another kind of data: replaced whole
+            into[k] = v
+        elif isinstance(v, dict):
             _merge(into.setdefault(k, {}), v)
         else:
             into[k] = v

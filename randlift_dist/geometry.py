@@ -176,3 +176,20 @@ def edge_features(kind: str, window: Window | None, src_pos: tuple[int, ...], d_
     if kind == "flatten":
         return d_u * numel(src_pos)
     return d_u
+
+
+def exchanged_values(kind: str, src_pos: tuple[int, ...], dst_pos: tuple[int, ...], d_u: int) -> int:
+    """Values per sample of one source member's rows as an edge of `kind` exchanges them (after
+    its per-member map): `d_u * prod(P_u)` for linear and conv (raw rows), `d_u * prod(P_v)` for
+    pool (pooled rows), `d_u` for mean and select, `d_u * prod(P_u)` for flatten."""
+    if kind == "pool":
+        return d_u * numel(dst_pos)
+    if kind in ("mean", "select"):
+        return d_u
+    return d_u * numel(src_pos)
+
+
+def kernel_columns(kind: str, dst_pos: tuple[int, ...]) -> int:
+    """Columns per sample the aggregation kernel of an edge of `kind` runs on: the target's
+    positions for linear, conv and pool edges; 1 for mean, select and flatten (vectors)."""
+    return numel(dst_pos) if kind in ("linear", "conv", "pool") else 1

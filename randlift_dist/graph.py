@@ -34,7 +34,7 @@ import torch
 
 from . import graph_builders as builders
 from .geometry import (NORMS, SLOTS, VERTEX_KINDS, WINDOW_KINDS, GraphError, Window, WindowSpec, edge_features,
-                       edge_positions, numel)
+                       edge_positions, exchanged_values, numel)
 from .graph_schema import Edge, Vertex, edge_key, edge_dict, parse_edge, parse_vertex, vertex_dict
 
 ACTIVATIONS = {
@@ -272,6 +272,30 @@ class BaseGraph:
         """Input features of one lifted edge over `e` per target position (its weight is `[d_v, this]`)."""
         e = self.edge(e)
         return edge_features(e.kind, e.window, self.positions(e.src), self.dim(e.src))
+
+    def weight_shape(self, e: Edge | tuple[str, ...] | str) -> tuple[int, int]:
+        """Shape of one lifted edge's weight over `e`: `(d_v, edge_features(e))` (the model's
+        parameter over `e` is `[m_e, *this]`; the estimator counts the same)."""
+        e = self.edge(e)
+        return self.dim(e.dst), self.edge_features(e)
+
+    def vertex_parameters(self, name: str) -> dict[str, tuple[int, ...]]:
+        """Per-member parameter shapes of vertex `name` (the model's are `[n_v, *shape]`): `bias`
+        (`(d,)`, or `(3, d)` for an attention vertex's q, k, v biases), `norm_gain` and
+        `norm_shift` (`(d,)`, a layer norm). Positions add none: one value per feature."""
+        v, d = self.vertices[name], self.dim(name)
+        out: dict[str, tuple[int, ...]] = {}
+        if v.bias:
+            out["bias"] = (3, d) if v.kind == "attention" else (d,)
+        if v.norm == "layer":
+            out["norm_gain"] = out["norm_shift"] = (d,)
+        return out
+
+    def exchange_values(self, e: Edge | tuple[str, ...] | str) -> int:
+        """Values per sample of one source member's rows as `e` exchanges them (a halo row:
+        `geometry.exchanged_values`)."""
+        e = self.edge(e)
+        return exchanged_values(e.kind, self.positions(e.src), self.positions(e.dst), self.dim(e.src))
 
     def fan_in_features(self, e: Edge) -> int:
         """Non-zero input features of one lifted edge (a token input is one-hot: 1)."""

@@ -115,17 +115,16 @@ class LiftedNetwork(nn.Module):
             f"v{self._vid[t]}": nn.Parameter(self._init_readout(t, dtype)) for t in base.outputs
         })
         normed = [v for v in base.order if base.vertices[v].norm == "layer"]
-        self.norm_gains = nn.ParameterDict({
-            f"v{self._vid[v]}": nn.Parameter(torch.ones(plan.n_own(v), base.dim(v), dtype=dtype)) for v in normed})
-        self.norm_shifts = nn.ParameterDict({
-            f"v{self._vid[v]}": nn.Parameter(torch.zeros(plan.n_own(v), base.dim(v), dtype=dtype)) for v in normed})
+        self.norm_gains = nn.ParameterDict({f"v{self._vid[v]}": nn.Parameter(torch.ones(
+            plan.n_own(v), *base.vertex_parameters(v)["norm_gain"], dtype=dtype)) for v in normed})
+        self.norm_shifts = nn.ParameterDict({f"v{self._vid[v]}": nn.Parameter(torch.zeros(
+            plan.n_own(v), *base.vertex_parameters(v)["norm_shift"], dtype=dtype)) for v in normed})
         for p in self.parameters():
             p.model_parallel = plan.world_size > 1  # sharded over the lift-parallel group
 
     # ------------------------------------------------------------ construction
     def _bias_shape(self, v: str) -> tuple[int, ...]:
-        d = self.base.dim(v)
-        return (3, d) if self.base.vertices[v].kind == "attention" else (d,)
+        return self.base.vertex_parameters(v)["bias"]
 
     def _scale(self, e: Edge) -> float:
         """Std of the initial weights of edge e: 1/sqrt(expected fan-in of the pre-activation it
@@ -150,7 +149,7 @@ class LiftedNetwork(nn.Module):
         """Initial weights of this rank's edges over `e` in the sampled order: block by block,
         all of a block's edges drawn (its in-degrees say how many), those of own targets kept."""
         lift, plan = self.lift, self.plan
-        d_v, f = self.base.dim(e.dst), self.base.edge_features(e)
+        d_v, f = self.base.weight_shape(e)
         out = np.empty((plan.edges[e.key].n_edges, d_v, f), dtype=np.float32)
         at = 0
         for b in plan.target_blocks(e.dst).tolist():

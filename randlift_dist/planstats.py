@@ -14,7 +14,9 @@ As in the real run, world size 1 and base edges out of input fibres (replicated 
 exchange nothing: their mode is `none`.
 
 Units: bytes are per sample and per forward (the backward sends the same amount again); one row is
-`d_u * element_size` bytes. The lower bound of an edge is (sum over ranks of the distinct remote
+one source member's rows as the edge exchanges them, all positions (`BaseGraph.exchange_values`:
+`d_u * P_u` for linear and conv edges, pooled or reduced rows for pool, mean, select and flatten)
+x `element_size` bytes. The lower bound of an edge is (sum over ranks of the distinct remote
 sources it needs) x row bytes; `alltoall` sends exactly that. `allgather` sends `P (P - 1)
 max_own(u)` rows in all (every rank's padded shard to every other rank).
 
@@ -81,7 +83,7 @@ def _edge_stats(lift: Lift, e: Edge, owners: dict[str, Ownership], P: int, excha
     them. Also returns the lifted edges of each rank."""
     u, v = e.src, e.dst
     n_u = lift.n(u)
-    row_bytes = lift.base.dim(u) * element_size
+    row_bytes = lift.base.exchange_values(e) * element_size  # one member's (mapped) rows, all positions
     exchanges = P > 1 and lift.base.vertices[u].role != "input"
     n_edges = np.zeros(P, np.int64)
     n_remote = np.zeros(P, np.int64)
@@ -158,7 +160,7 @@ def plan_statistics(lift: Lift, world_size: int, strategy: str = "block", exchan
             "allgather_threshold": allgather_threshold, "element_size": element_size,
             "lift": {"fingerprint": lift.fingerprint(), "law": lift.law, "seed": lift.seed,
                      "sizes": dict(lift.sizes), "block_size": lift.block_size,
-                     "degrees": {f"{a}->{b}": d for (a, b), d in lift.degrees.items()}},
+                     "degrees": {str(lift.base.edge(k)): d for k, d in lift.degrees.items()}},
             "edges": edges, "total": total}
 
 

@@ -16,7 +16,7 @@ import torch
 import test_positions_train as tp
 import test_warmstart as tw
 from randlift_dist import BaseGraph, LiftedNetwork, random_sparse_lift
-from randlift_dist.activation_memory import activation_bytes, gpu_estimate, measured_saved_bytes
+from randlift_dist.activation_memory import activation_bytes, measured_saved_bytes
 from randlift_dist.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -49,11 +49,3 @@ def test_predicted_equals_saved(name):
         got.append(est["total"] - est["readout"])
     assert abs(got[1] / got[0] - 3.0) < 1e-9  # per sample: B * P scaling, nothing else
 
-
-def test_gpu_estimate_terms():
-    cfg = load_config(CONFIGS / "gpu_cnn.yaml")
-    base, lift = cfg.build_lift()
-    est = gpu_estimate(base, lift, cfg.out_dim(base), cfg.train.batch_size)
-    assert est["total"] == pytest.approx(sum(est[k] for k in ("state", "indices", "activations", "transient",
-                                                              "context")))
-    assert est["params"] > 5e7 and est["activations"] > 0

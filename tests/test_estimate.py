@@ -56,7 +56,8 @@ def _index_bytes(net: torch.nn.Module) -> int:
 @pytest.mark.parametrize("size,n_test", [(700, 40), (2048, 300)])
 def test_parameters_and_index_bytes_exact(tmp_path, size, n_test):
     """Training at batch 16 (the readout-side edges, d_v = 1 from d_u = 4: the CSR kernel with its
-    fused backward) and evaluation at n_test (blocked from 128 on): every structure built."""
+    fused backward) and evaluation at n_test and the training rows' chunks (blocked from 128 on):
+    every structure built."""
     path = _write(tmp_path, "fixed.yaml", {"size": size, "degree": 5, "law": "fixed_degree", "block_size": 256},
                   data={"n_test": n_test})
     cfg = load_config(path)
@@ -65,9 +66,11 @@ def test_parameters_and_index_bytes_exact(tmp_path, size, n_test):
     est = estimate(cfg)
     params = sum(p.numel() for p in net.parameters())
     assert est["params"] == params and est["params_per_rank"] == params
+    assert n_test in est["eval_batches"]  # and the training rows evaluated
     net(torch.randn(16, 3)).square().sum().backward()
     with torch.no_grad():
-        net(torch.randn(n_test, 3))
+        for b in est["eval_batches"]:
+            net(torch.randn(b, 3))
     assert est["indices_bytes"] == _index_bytes(net)
 
 
@@ -95,7 +98,8 @@ def _two_rank_worker(rank: int, world_size: int, path: str, exchange: str) -> di
     net = LiftedNetwork(base, lift, plan, Communicator.create(plan, layout), out_dim=1)
     net(torch.randn(8, 3)).square().sum().backward()
     with torch.no_grad():
-        net(torch.randn(24, 3))
+        for b in estimate(load_config(path), 2)["eval_batches"]:  # the test rows and training rows evaluated
+            net(torch.randn(b, 3))
     arrays = [[ep.local_first, ep.exchange.send_idx, ep.exchange.halo_global] for ep in plan.edges.values()
               if ep.exchange is not None]
     ex = {f"{u}->{v}": (ep.exchange.mode, ep.exchange.n_halo, ep.exchange.rows_sent())

@@ -9,7 +9,7 @@ the bytes of the real objects the runtime builds, never the closed form the term
   topology: the real `BlockTopology`;
 - weights, gradients, optimizer state: a real `TorchEngine` after a step;
 - data: the arrays `data.build_dataset` and `Batches` hold (teacher task and a .npz file);
-- saved activations (`vertex_saved`) and the loss's saved tensor: autograd's saved tensors of a
+- saved activations (`activation_memory.vertex_saved`) and the loss's saved tensor: autograd's saved tensors of a
   real forward (`saved_tensors_hooks`).
 """
 
@@ -28,10 +28,11 @@ import torch
 import yaml
 
 from randlift_dist import BaseGraph, LiftedNetwork, build_plan, make_partition, random_sparse_lift
+from randlift_dist import activation_memory as am
 from randlift_dist.config import load_config
 from randlift_dist.estimate import estimate
 from randlift_dist.estimate import terms as tm
-from randlift_dist.estimate.rank import fibre_bounds
+from randlift_dist.estimate.shapes import fibre_bounds
 from randlift_dist.ops import CSR, aggregate
 from randlift_dist.ops import kernels as K
 
@@ -350,10 +351,8 @@ def test_saved_activations_equal_autograd_saved_tensors(graph):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = ((net(x) - target) ** 2).mean()
-    sources = {e.src for e in base.edges}
-    verts = [tm.VertexShape(v, base.dim(v), lift.n(v), base.vertices[v].activation, v in sources,
-                            2 if v in base.outputs else 0) for v in base.order if base.vertices[v].role != "input"]
-    expected = sum(sum(tm.vertex_saved(v, B, 4)) for v in verts)
+    expected = sum(x for v in base.order if base.vertices[v].role != "input"
+                   for xs in am.vertex_saved(base, v, lift.n(v), B, 4, out_dim=2).values() for x in xs)
     loss_saved = tm.logit_bytes(B, 2, 4, "mse")[1]  # the difference the square keeps
     assert sum(saved.values()) == expected + x_contig + loss_saved
     loss.backward()

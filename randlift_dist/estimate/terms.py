@@ -22,9 +22,8 @@ the rank, N its parameters, n_v its rows of fibre v, B the (micro-)batch, es the
 - data (`data_bytes`): in memory, the train + test arrays and the epoch permutation; read lazily
   from shards, only the batch, an evaluation chunk and the shard index.
 - exchange: the expected distinct remote sources of a rank's edges (`expected_halo_rows`).
-- per vertex, the tensors its forward saves for the backward (`vertex_saved`); the logits and the
-  loss's tensors (`logit_bytes`). Terms that depend on positions (sequence or spatial vertices)
-  belong in `VertexShape` and `vertex_saved` / `vertex_eval`.
+- the logits and the loss's tensors (`logit_bytes`). What each vertex and edge saves for the
+  backward, with positions, is `activation_memory.py`'s (the one model of saved tensors).
 """
 
 from __future__ import annotations
@@ -45,9 +44,6 @@ CUDA_BASELINE = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers (assumed
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket (elements), ZeRO-2
 # The index structures a CSR can hold (bytes of each: `index_structures`).
 STRUCTURES = ("csr", "transposed", "groups", "t_groups", "expansion", "triton")
-# What the activation's autograd node saves: its input (the pre-activation), or its output.
-SAVES_INPUT = frozenset({"gelu"})
-SAVES_OUTPUT = frozenset({"relu", "tanh", "sigmoid"})
 _INT32_MAX = 2**31 - 1
 
 
@@ -255,45 +251,3 @@ def expected_halo_rows(n_u: int, own_u: int, n_v: int, p: float) -> float:
     remote sources feeds one of them with probability 1 - (1 - p)^n_v, p = k / n_u (exact for
     both laws and, to first order, the 1 - (1 - 1/n_u)^(n_v k) of uniform draws)."""
     return (n_u - own_u) * (1 - (1 - p) ** n_v)
-
-
-@dataclasses.dataclass(frozen=True)
-class VertexShape:
-    """One non-input vertex on one rank: its rows, dimension and activation, whether edges leave it
-    and, for an output vertex, the readout's width. (Vertices with positions, e.g. sequence or
-    convolution vertices, would add them here and in `vertex_saved` / `vertex_eval`.)"""
-
-    name: str
-    dim: int
-    rows: int
-    activation: str
-    out_edges: bool = True
-    readout_dim: int = 0  # > 0: an output vertex, read out to this many values
-
-    def values(self, batch: int) -> float:
-        """Values of one output tensor `[rows, dim, B]`."""
-        return float(self.rows * self.dim * batch)
-
-    def readout_copies(self, batch: int, es: int) -> list[float]:
-        """The readout's einsum copies of the output (as `[B, rows x dim]`) and of the readout
-        weights `[rows, out_dim, dim]` (an output vertex only)."""
-        if not self.readout_dim:
-            return []
-        return [self.values(batch) * es, float(self.rows * self.readout_dim * self.dim * es)]
-
-
-def vertex_saved(v: VertexShape, batch: int, es: int) -> list[float]:
-    """Tensors a vertex's forward keeps for the backward: its output `[n_v, d, B]` when its
-    out-edges' kernels keep it (they save only y and w) or its activation does (`SAVES_OUTPUT`),
-    the pre-activation when the activation saves its input (`SAVES_INPUT`), and an output
-    vertex's readout copies (`VertexShape.readout_copies`)."""
-    a = v.values(batch) * es
-    out = [a] if v.out_edges or v.activation in SAVES_OUTPUT else []
-    if v.activation in SAVES_INPUT:
-        out.append(a)
-    return out + v.readout_copies(batch, es)
-
-
-def vertex_eval(v: VertexShape, batch: int, es: int) -> list[float]:
-    """Tensors of a vertex alive in a no-grad forward: its output (kept until the readout)."""
-    return [v.values(batch) * es]
