@@ -86,11 +86,9 @@ CASES = {
     "r16d2_90m_p2_a2a": (R16D2, 12000, 24, 2, 32, {"model": {"lift": {"seed": 5}}, "data": {"n_test": 256},
                                                    "parallel": {"exchange": "alltoall"}}),
     # positions: activations [n, d, B * P], conv unfold chunks, attention, layer norms, embeddings; the
-    # evaluations run at the training batch (n_test and train.eval_train_max = batch) except in *_eval,
-    # which evaluates 1024 training rows in one chunk (limits.EVAL_CHUNK)
+    # evaluations run at the training batch (n_test and train.eval_train_max = batch)
     "cnn1d_23m": (CNN1D, *_cnn_lift(8192, 16), 1, 64, {"data": {"n_test": 64}, "train": {"eval_train_max": 64}}),
     "cnn1d_23m_p2": (CNN1D, *_cnn_lift(8192, 16), 2, 64, {"data": {"n_test": 64}, "train": {"eval_train_max": 64}}),
-    "cnn1d_12m_eval": (CNN1D, *_cnn_lift(4096, 16), 1, 64, {"data": {"n_test": 64}}),
     "trf_20m": (TRF, 1024, 16, 1, 32, {"data": RECALL, "train": {"eval_train_max": 32, "loss": "cross_entropy"}}),
     "trf_20m_p2": (TRF, 1024, 16, 2, 32, {"data": RECALL, "train": {"eval_train_max": 32, "loss": "cross_entropy"}}),
 }

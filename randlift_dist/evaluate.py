@@ -6,7 +6,7 @@ What is evaluated:
 - by default the run's own test split, rebuilt from its config (`data.build_dataset`: the teacher's
   test set drawn again, the test rows of its file, shards or packaged data set; `--split train`:
   every training row), with the trainer's own arithmetic: data-parallel replicas take contiguous
-  parts, chunks of `train.micro_batch_size` (else 1024) rows, float64 sums (`Task.sums`) added
+  parts, chunks of the run's training micro-batch (`limits.eval_chunk`: at most 1024) rows, float64 sums (`Task.sums`) added
   over the replicas. So on the run's layout the numbers are the trainer's final `test_loss` /
   `test_accuracy` of `metrics.jsonl` (same checkpoint, same weights); on another layout they
   differ only by float32 rounding;
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .data import TensorSource, build_dataset
 from .data.files import inputs, labels, read_arrays
 from .data.shards import DataError
+from .limits import eval_chunk
 from .runs import EXIT_OK, LoadedRun, load_run, read_run_config, replica_rows, run_command, start_layout
 from .tasks import Task
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the run's own split to evaluate (default: test); not with --data")
     ap.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: newest intact)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="rows per forward (default: the run's train.micro_batch_size, else 1024)")
+                    help="rows per forward (default: the run's training micro-batch, at most 1024)")
     ap.add_argument("--lift-parallel", type=int, default=None,
                     help="under a launcher: ranks sharing the network (default: the run's, when it divides the world)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu, or the rank's GPU)")
@@ -104,7 +105,7 @@ def _main(args: argparse.Namespace) -> int:
         src, what = getattr(build_dataset(cfg, base, task.out_dim), split), f"{split} split"
     layout = start_layout(cfg, args.lift_parallel)
     run = load_run(args.run, step=args.step, device=args.device, layout=layout)
-    result = evaluate_source(run, src, args.batch_size or cfg.train.micro_batch_size or 1024)
+    result = evaluate_source(run, src, args.batch_size or eval_chunk(cfg.train.batch_size, 1, cfg.train.micro_batch_size))
     if layout is None or layout.rank == 0:
         if args.json:
             print(json.dumps({**result, "step": run.step, "checkpoint": str(run.checkpoint), "data": what}))

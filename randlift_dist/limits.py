@@ -7,8 +7,7 @@ changes what runs and what is predicted together.
 
 from __future__ import annotations
 
-# Test rows per forward of `Engine.sum_squared_error` when train.micro_batch_size is not set (with
-# it, evaluation runs in micro-batches): evaluation holds no more activations than this many samples.
+# The most rows of one evaluation forward (`eval_chunk`).
 EVAL_CHUNK = 1024
 # Values per float64 chunk of the gradient norm (`engine._sum_squares`): one reused 8 MiB buffer.
 NORM_CHUNK = 1 << 20
@@ -16,3 +15,12 @@ NORM_CHUNK = 1 << 20
 # or more get their own mapping and are unmapped when freed; smaller ones come from heaps that keep
 # freed blocks resident (the estimator's `allocator_kept` and `transient` split at this size).
 MMAP_THRESHOLD = 4 << 20
+
+
+def eval_chunk(batch_size: int, data_parallel: int, micro_batch_size: int | None) -> int:
+    """Rows per evaluation forward (test rows, the training rows evaluated, `evaluate`): the training
+    micro-batch (each replica's share of `batch_size` when there is none), at most EVAL_CHUNK. A
+    no-grad forward of these rows holds fewer activations than the training step on them, so an
+    evaluation is never the peak of a run sized by its training step."""
+    rows = micro_batch_size or max(1, batch_size // max(1, data_parallel))
+    return max(1, min(rows, EVAL_CHUNK))

@@ -33,7 +33,7 @@ from .config import Config, dump_config
 from .data import Batches, build_dataset, eval_rows, replica_part, verify_shards
 from .engine import build_engine
 from .layout import Layout
-from .limits import EVAL_CHUNK
+from .limits import eval_chunk
 from .metrics import MetricsSink, lift_statistics, peak_memory_mb, reduce_over_ranks
 from .parallelize import shard_network
 from .runs import network_kwargs
@@ -163,7 +163,8 @@ class Trainer:
         in chunks, then summed over the data-parallel group."""
         L = self.layout
         lo, hi = replica_part(n, L.data_rank, L.data_parallel)
-        chunk = self.cfg.train.micro_batch_size or EVAL_CHUNK
+        t = self.cfg.train
+        chunk = eval_chunk(t.batch_size, L.data_parallel, t.micro_batch_size)
         sums = {"loss": 0.0, "correct": 0.0}
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)

@@ -56,8 +56,8 @@ def _index_bytes(net: torch.nn.Module) -> int:
 @pytest.mark.parametrize("size,n_test", [(700, 40), (2048, 300)])
 def test_parameters_and_index_bytes_exact(tmp_path, size, n_test):
     """Training at batch 16 (the readout-side edges, d_v = 1 from d_u = 4: the CSR kernel with its
-    fused backward) and evaluation at n_test and the training rows' chunks (blocked from 128 on):
-    every structure built."""
+    fused backward) and evaluation of n_test and the training rows in chunks of the training batch
+    (`limits.eval_chunk`) and their remainders: every structure built."""
     path = _write(tmp_path, "fixed.yaml", {"size": size, "degree": 5, "law": "fixed_degree", "block_size": 256},
                   data={"n_test": n_test})
     cfg = load_config(path)
@@ -66,7 +66,7 @@ def test_parameters_and_index_bytes_exact(tmp_path, size, n_test):
     est = estimate(cfg)
     params = sum(p.numel() for p in net.parameters())
     assert est["params"] == params and est["params_per_rank"] == params
-    assert n_test in est["eval_batches"]  # and the training rows evaluated
+    assert max(est["eval_batches"]) == 16 and (n_test % 16 == 0 or n_test % 16 in est["eval_batches"])
     net(torch.randn(16, 3)).square().sum().backward()
     with torch.no_grad():
         for b in est["eval_batches"]:
@@ -299,3 +299,15 @@ def test_gradient_norm_sum_of_squares_in_float64():
     assert float(_sum_squares(g, chunk=1000)) == pytest.approx(float(want), rel=1e-14)
     assert float(_sum_squares(g.double())) == pytest.approx(float(want), rel=1e-14)
     assert float(_sum_squares(torch.empty(0))) == 0.0
+
+
+def test_evaluation_chunks_follow_the_training_batch():
+    """Evaluation runs in chunks of the training micro-batch per replica (at most EVAL_CHUNK rows), so
+    a run sized by its training step is not pushed over by its evaluations; the estimator asks the
+    same function."""
+    from randlift_dist.limits import EVAL_CHUNK, eval_chunk
+    assert eval_chunk(64, 1, None) == 64 and eval_chunk(64, 2, None) == 32 and eval_chunk(64, 2, 8) == 8
+    assert eval_chunk(1 << 16, 1, None) == EVAL_CHUNK and eval_chunk(1, 4, None) == 1
+    cfg = load_config(None, ["train.batch_size=32", "data.n_test=1000", "data.n_train=3000"])
+    est = estimate(cfg)
+    assert max(est["eval_batches"]) == 32 and 1000 % 32 in est["eval_batches"]

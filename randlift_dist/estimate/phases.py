@@ -23,7 +23,7 @@ phase; `rank.py` feeds them the shapes of one rank.
   DeepSpeed: the step's fp32 gradient partition and torch's foreach sqrt of the moments (4 B each
   / param / D; none with offload).
 - eval: the no-grad forwards of the test rows and of up to `train.eval_train_max` training rows
-  in chunks (`limits.EVAL_CHUNK` or the micro-batch): every vertex's output (kept until the
+  in chunks (`limits.eval_chunk`: the training micro-batch, at most 1024 rows): every vertex's output (kept until the
   readout) and the largest moment of one vertex or edge (two partial sums; a norm's four
   activation-sized buffers; attention's sums, per-head copies and output; a mapped edge's rows,
   a conv chunk's unfolded sources and output; the received, sent and (CPU) gloo-copied halo),

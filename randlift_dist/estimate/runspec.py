@@ -3,7 +3,7 @@ micro-batch, every evaluation chunk), device, dtype, engine state, kernels and d
 
 Every decision the runtime makes is asked of the runtime's own function: the world and batch
 checks (`Config.check_world`), the kernel (`ops.kernels.choose_impl`), the evaluation chunk
-(`limits.EVAL_CHUNK`) and the training rows an evaluation runs (`data.sources.eval_rows`), the
+(`limits.eval_chunk`) and the training rows an evaluation runs (`data.sources.eval_rows`), the
 split sizes (`data.split_sizes`).
 """
 
@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from ..data import split_sizes
 from ..data.sources import eval_rows
-from ..limits import EVAL_CHUNK
+from ..limits import eval_chunk
 from ..ops import kernels as _kernels
 from . import terms as tm
 
@@ -130,7 +130,7 @@ def make_run(cfg: Config, world_size: int | None, device: str | None, triton: bo
     Bm = tr.micro_batch_size or B
     data = data_spec(cfg, in_dim, out_dim)
     splits = (data.n_test, train_rows_evaluated(data.n_train, tr.eval_train_max))
-    return Run(P, L, D, B, Bm, eval_batches(splits, D, tr.micro_batch_size or EVAL_CHUNK), device, dtype, eng,
+    return Run(P, L, D, B, Bm, eval_batches(splits, D, eval_chunk(tr.batch_size, D, tr.micro_batch_size)), device, dtype, eng,
                cfg.micro_batches(D) > 1, cfg.model.topology == "regenerate", cfg.model.impl,
                device == "cuda" if triton is None else bool(triton), par.partition, par.exchange,
                par.allgather_threshold, out_dim, data)
