@@ -7,7 +7,7 @@ would live in DeepSpeed's FP16_UnfusedOptimizer, which the checkpoints cannot re
 Two spawned gloo worlds build `Trainer`s in-process, one variant after another, and `fit()` each
 through the real run directory (metrics.jsonl, checkpoints, resume):
 - world size 1: every variant uninterrupted (6 steps: 3 of warm-up, then cosine), and stopped at
-  step 3 (`train.stop_at`) then resumed by the same config; plus the exact run of the issue (the
+  step 3 (`train.stop_at`) then resumed by the same config; plus the offload regression run (the
   tiny default, ZeRO 1, warm-up 10, offload on and off, offload stopped at 20 and resumed).
 - world size 2: every variant at lift-parallel 2, and each ZeRO 1/2 variant at data-parallel 2
   (where ZeRO shards the optimizer over the replicas), stopped at 3 and resumed there.
@@ -53,7 +53,7 @@ BF16_RTOL = 2e-2
 RESUME_RTOL = 0.0
 # Offload on against off: DeepSpeed's vectorised CPU Adam against torch's Adam, both float32 but in
 # another operation order (a few ulps per update), amplified to 3.3e-6 relative at most over the 6
-# steps here and 2.3e-5 over the 40 of the issue's run (lr 0.05). A wrong schedule moved the loss by
+# steps here and 2.3e-5 over the 40 of the offload regression run (lr 0.05). A wrong schedule moved the loss by
 # 1.2e-2 at step 2 already.
 OFFLOAD_RTOL = 1e-4
 ISSUE = ["parallel.engine=deepspeed", "parallel.zero_stage=1", "train.steps=40", "train.warmup_steps=10",
@@ -211,9 +211,9 @@ OURS = ("randlift_dist: ", "  edge ", "checkpoint /", "final step ", "randlift-t
 
 @pytest.mark.timeout(900)
 def test_deepspeed_cli_at_world_size_two_says_only_its_own_lines(tmp_path, monkeypatch):
-    """Issue 20, through torchrun in the user's environment (no DS_ACCELERATOR, warnings shown),
+    """Through torchrun in the user's environment (no DS_ACCELERATOR, warnings shown),
     DeepSpeed ZeRO 2, bf16, offload, data-parallel 2: no DeepSpeed notice from any rank (every line
-    is the trainer's, each once). Then issue 18's finished check at world size 2: the final
+    is the trainer's, each once). Then the finished-means-intact check at world size 2: the final
     checkpoint damaged, the same command reports it once, trains steps 3..4 again, then is finished."""
     import launch
 

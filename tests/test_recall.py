@@ -1,4 +1,4 @@
-"""The associative recall data kind, the configs of issue 17, and the seeds experiment.
+"""The associative recall data kind, the CNN and attention configs, and the seeds experiment.
 
 - `recall_arrays_from`: distinct keys per sample, the query is one of them, the label is its
   value; deterministic; bad settings are one line.
