@@ -1,4 +1,5 @@
-"""GPU checks (CUDA): kernel parity with the CPU reference, the network on a GPU, a training run.
+"""GPU checks (CUDA): kernel parity with the CPU reference, networks on a GPU (MLPs, CNNs, a
+transformer) against the CPU, a training run.
 
 Kernels `blocked` and `triton` (compiled; `tests/test_triton.py` has the finer-grained Triton
 parity tests, which also run on CUDA when a GPU is present), bitwise reruns of the Triton
@@ -128,6 +129,40 @@ def test_network_on_gpu_matches_cpu(impl):
     for (name, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
         err = (pg.grad.cpu() - pc.grad).norm() / pc.grad.norm().clamp_min(1e-12)
         assert err < 1e-4, (name, float(err))
+
+
+POSITIONED = {  # vertices with positions: conv windows (1-d, 2-d), pooling, attention, norms, tokens
+    "cnn1d": lambda: BaseGraph.cnn1d(40, 1, [4, 4, 4], 10, kernel=[5, 3, 3], stride=2, padding=1, head="flatten"),
+    "cnn2d": lambda: BaseGraph.cnn2d([9, 8], 2, [2, 3], 2, kernel=3, stride=[1, 2], head="mean"),
+    "transformer": lambda: BaseGraph.transformer(6, 4, 3, 2, tokens=9, causal=True, mixer_kernel=3, depth=2),
+}
+
+
+def _positioned_parity(name: str, impl: str, device: str) -> None:
+    """The same lift and weights on CPU and on `device`: outputs and every parameter's gradient."""
+    base = POSITIONED[name]()
+    lift = random_sparse_lift(base, 24, 4, seed=1)
+    cpu = LiftedNetwork(base, lift, readout_init="normal", seed=2)
+    dev = LiftedNetwork(base, lift, readout_init="normal", seed=2, impl=impl).to(device)
+    x = torch.randn(13, base.in_dim)
+    tokens = base.vertices[base.inputs[0]].tokens
+    if tokens is not None:
+        x = torch.randint(0, tokens, x.shape).float()
+    out_c, out_d = cpu(x), dev(x.to(device))
+    assert torch.allclose(out_d.cpu(), out_c, rtol=1e-4, atol=1e-5), (name, float((out_d.cpu() - out_c).abs().max()))
+    out_c.square().sum().backward()
+    out_d.square().sum().backward()
+    for (pname, pc), pd in zip(cpu.named_parameters(), dev.parameters()):
+        err = (pd.grad.cpu() - pc.grad).norm() / pc.grad.norm().clamp_min(1e-12)
+        assert err < 1e-4, (name, pname, float(err))
+
+
+@pytest.mark.parametrize("name", sorted(POSITIONED))
+@pytest.mark.parametrize("impl", ["blocked", "triton"])
+def test_positioned_networks_on_gpu_match_cpu(name, impl):
+    if impl == "triton" and not _has_triton():
+        pytest.skip("triton is not installed")
+    _positioned_parity(name, impl, "cuda")
 
 
 @pytest.mark.timeout(600)
