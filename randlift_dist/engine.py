@@ -36,7 +36,7 @@ from .config import Config
 from .engine_deepspeed import require_deepspeed  # noqa: F401 - the entry point's preflight imports it from here
 from .layout import Layout
 from .tasks import Task
-from .limits import NORM_CHUNK, eval_chunk
+from .limits import NORM_CHUNK
 
 MOMENT_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 
@@ -158,15 +158,10 @@ class Engine:
 
     @torch.no_grad()
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """The task's summed loss and top-1 hits over these rows (`Task.sums`), in chunks of the
-        micro-batch (`limits.eval_chunk`: no more activations than training); collective over the lift group."""
-        total = {"loss": 0.0, "correct": 0.0}
-        t = self.cfg.train
-        step = eval_chunk(t.batch_size, self.layout.data_parallel, t.micro_batch_size)
-        for i in range(0, x.shape[0], step):
-            for k, v in self.task.sums(self.forward(x[i:i + step]), y[i:i + step]).items():
-                total[k] += v
-        return total
+        """The task's summed loss and top-1 hits over these rows (`Task.sums`) in one no-grad forward:
+        the caller hands one evaluation chunk (`limits.eval_chunk`, `Trainer._split_sums`); collective
+        over the lift group."""
+        return self.task.sums(self.forward(x), y)
 
     def replica_mean(self, value: float) -> float:
         """Average of a per-replica scalar over the data-parallel group."""

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .data import TensorSource, build_dataset
-from .data.files import inputs, labels, read_arrays
+from .data.files import labelled_arrays, read_arrays
 from .data.shards import DataError
 from .limits import eval_chunk
 from .runs import EXIT_OK, LoadedRun, load_run, read_run_config, replica_rows, run_command, start_layout
@@ -57,18 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_labelled(path: Path, task: Task, in_dim: int) -> TensorSource:
     """Rows `x` and labels `y` of a file, checked against the model and the task."""
-    where = f"--data={str(path)!r}"
-    arrays = read_arrays(path, key="--data")
-    classes = None
-    if "classes" in arrays:
-        c = np.asarray(arrays["classes"])
-        if c.size != 1 or c.dtype.kind not in "iu":
-            raise DataError(f"{where}: array 'classes' must be one integer (the class count)")
-        classes = int(c.reshape(()))
-    x = inputs(where, "x", arrays["x"], in_dim)
-    y = labels(where, "y", arrays["y"], task, classes)
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{where}: x has {x.shape[0]} rows and y {y.shape[0]}: give one label per sample")
+    x, y, _ = labelled_arrays(f"--data={str(path)!r}", read_arrays(path, key="--data"), task, in_dim)
     return TensorSource(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))
 
 

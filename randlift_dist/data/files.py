@@ -95,10 +95,9 @@ def holdout_split(x, y, n_test: int, seed: int):
     return (x[: n - n_test], y[: n - n_test]), (x[n - n_test:], y[n - n_test:])
 
 
-def npz_arrays(path: Path, task: Task, in_dim: int, n_test: int, seed: int):
-    """`(x_train, y_train, x_test, y_test)` of a file, checked (see the module doc)."""
-    where = f"data.path={str(path)!r}"
-    arrays = read_arrays(path)
+def labelled_arrays(where: str, arrays: dict, task: Task, in_dim: int):
+    """`(x, y, classes)` of a file's arrays, checked against the model and the task (`classes`: the
+    file's class count, or None); `where` names the file in messages."""
     classes = None
     if "classes" in arrays:
         c = np.asarray(arrays["classes"])
@@ -109,6 +108,14 @@ def npz_arrays(path: Path, task: Task, in_dim: int, n_test: int, seed: int):
     y = labels(where, "y", arrays["y"], task, classes)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{where}: x has {x.shape[0]} rows and y {y.shape[0]}: give one label per sample")
+    return x, y, classes
+
+
+def npz_arrays(path: Path, task: Task, in_dim: int, n_test: int, seed: int):
+    """`(x_train, y_train, x_test, y_test)` of a file, checked (see the module doc)."""
+    where = f"data.path={str(path)!r}"
+    arrays = read_arrays(path)
+    x, y, classes = labelled_arrays(where, arrays, task, in_dim)
     if "x_test" in arrays:
         xt = inputs(where, "x_test", arrays["x_test"], in_dim)
         yt = labels(where, "y_test", arrays["y_test"], task, classes)

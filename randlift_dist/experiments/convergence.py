@@ -96,17 +96,22 @@ def int_list(key: str, v: Any, positive: bool) -> list[int]:
     return list(v)
 
 
-def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
-    """Validate the `experiment:` mapping; returns it with defaults filled in."""
+def check_section(section: Any, keys: dict[str, str], required: tuple[str, ...]) -> None:
+    """The `experiment:` section is a mapping of known `keys` (name -> doc) holding `required`."""
     if not isinstance(section, dict):
-        raise ExperimentError(f"experiment={section!r}: expected a mapping with keys {', '.join(EXPERIMENT_KEYS)}")
-    unknown = sorted(set(section) - set(EXPERIMENT_KEYS))
+        raise ExperimentError(f"experiment={section!r}: expected a mapping with keys {', '.join(keys)}")
+    unknown = sorted(set(section) - set(keys))
     if unknown:
         raise ExperimentError(f"unknown key(s) {', '.join('experiment.' + k for k in unknown)}; "
-                              f"known: {', '.join(EXPERIMENT_KEYS)}")
-    for key in ("out", "sizes", "seeds", "kinds"):
+                              f"known: {', '.join(keys)}")
+    for key in required:
         if key not in section:
-            raise ExperimentError(f"experiment.{key} is missing: {EXPERIMENT_KEYS[key]}")
+            raise ExperimentError(f"experiment.{key} is missing: {keys[key]}")
+
+
+def parse_experiment(section: Any, default_name: str) -> dict[str, Any]:
+    """Validate the `experiment:` mapping; returns it with defaults filled in."""
+    check_section(section, EXPERIMENT_KEYS, ("out", "sizes", "seeds", "kinds"))
     seeds = section["seeds"]
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds <= 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .adaptive import PENDING, geometric_sizes, p_phase, probe, search_phase
-from .convergence import int_list, kind_tag, parse_kind, resolve_training
+from .convergence import check_section, int_list, kind_tag, parse_kind, resolve_training
 from .runner import FORCED, MAX_ARRAY, ExperimentError, fingerprint
 from .target import Target, TargetError, check_task, parse_target
 
@@ -106,15 +106,7 @@ def _seeds(key: str, v: Any) -> list[int]:
 
 def parse(section: Any, default_name: str, train: dict, overrides: list[str]) -> dict[str, Any]:
     """The validated experiment (`ctx`): settings, and per task its target and resolved `Config`."""
-    if not isinstance(section, dict):
-        raise ExperimentError(f"experiment={section!r}: expected a mapping with keys {', '.join(EXPERIMENT_KEYS)}")
-    unknown = sorted(set(section) - set(EXPERIMENT_KEYS))
-    if unknown:
-        raise ExperimentError(f"unknown key(s) {', '.join('experiment.' + k for k in unknown)}; "
-                              f"known: {', '.join(EXPERIMENT_KEYS)}")
-    for key in ("out", "tasks", "kinds", "sizes", "seeds"):
-        if key not in section:
-            raise ExperimentError(f"experiment.{key} is missing: {EXPERIMENT_KEYS[key]}")
+    check_section(section, EXPERIMENT_KEYS, ("out", "tasks", "kinds", "sizes", "seeds"))
     kinds = section["kinds"]
     if not isinstance(kinds, list) or not kinds:
         raise ExperimentError(f"experiment.kinds={kinds!r}: expected a non-empty list of {{law, degree}}")
